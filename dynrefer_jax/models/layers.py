@@ -1,0 +1,146 @@
+"""Shared building blocks: parameters with logical axis names, Dense, LayerNorm, attention.
+
+Every parameter is created through `param(...)`, which records its *logical* axis names
+(`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`, ...) as the variable's `out_sharding`
+metadata. `dynrefer_jax.sharding` maps those names to mesh axes with the rules in the config;
+model code never names a mesh axis.
+
+Layout conventions (PyTorch → ours): a Linear weight `[out, in]` is stored as `kernel[in, out]`;
+activations are channels-last (`[B, H, W, C]`, `[B, L, C]`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = Sequence[str | None]
+Initializer = Callable[..., jax.Array]
+
+# Initialisers named after the PyTorch defaults they reproduce.
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+xavier_uniform = nnx.initializers.xavier_uniform()
+
+
+def normal(stddev: float) -> Initializer:
+  return nnx.initializers.normal(stddev)
+
+
+def torch_linear_kernel() -> Initializer:
+  """PyTorch nn.Linear default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias(fan_in: int) -> Initializer:
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Table(nnx.Variable):
+  """A frozen, non-trainable array (precomputed text-embedding tables). Never optimised."""
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes,
+          dtype=jnp.float32) -> nnx.Param:
+  """Creates a parameter whose metadata carries its logical axis names."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias over the last axis.
+
+  kernel: float[in, out] with logical axes `axes`; bias: float[out] with axes `(axes[1],)`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+               axes: Axes = ("embed", "mlp"), use_bias: bool = True,
+               kernel_init: Initializer | None = None, bias_init: Initializer | None = None,
+               dtype=None, param_dtype=jnp.float32):
+    kernel_init = kernel_init or torch_linear_kernel()
+    bias_init = bias_init or torch_linear_bias(in_features)
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+    self.bias = (param(rngs, bias_init, (out_features,), (axes[1],), param_dtype)
+                 if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis; statistics in float32, output cast back to the input dtype."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, axis_name: str | None = "embed",
+               use_bias: bool = True, param_dtype=jnp.float32):
+    del rngs
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+    self.bias = (nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis_name,))
+                 if use_bias else None)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": gelu_exact,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None = None, bias: jax.Array | None = None,
+                          scale: float | None = None) -> jax.Array:
+  """Softmax attention.
+
+  q: float[B, Lq, H, D]; k, v: float[B, Lk, H, D];
+  mask: bool broadcastable to [B, H, Lq, Lk] (True = attend); bias: float, same broadcast.
+  Returns float[B, Lq, H, D]. Softmax in float32.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
+  """Inverted dropout; a no-op when deterministic, rate == 0 or no rngs are given."""
+  if deterministic or rate == 0.0 or rngs is None:
+    return x
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
