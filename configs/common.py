@@ -1,0 +1,91 @@
+"""Pieces shared by the configs: the original's recipe (SPEC §9) and the model sizes."""
+
+import ml_collections
+
+from dynrefer_jax import sharding
+
+# SPEC §9: a parameter is trainable iff its path contains one of these.
+ORIGINAL_TRAINABLE = ("cvem", "cem", "tag", "attr", "Qformer", "t5_proj")
+
+AUTO = -1  # resolved at run time (e.g. vocabulary sizes from the tokenizer)
+
+
+def full_model() -> ml_collections.ConfigDict:
+  """The full-size DynRefer: EVA ViT-g/14, BLIP-2 Q-Former, EVA-CLIP text tower, FlanT5-XL."""
+  return ml_collections.ConfigDict(dict(
+      dtype="bfloat16",
+      num_views=3,
+      ln_vision_eps=1e-5,
+      num_query_tokens=32,
+      vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
+               qkv_bias="qv", act="gelu", ln_eps=1e-6),
+      roi=dict(output_size=16, sampling_ratio=2, aligned=False),
+      aligner=dict(kind="dcnv4", groups=4),
+      qformer=dict(num_layers=12, hidden=768, num_heads=12, mlp_dim=3072,
+                   cross_attention_freq=2, dropout=0.1),
+      head=dict(hidden=256, num_layers=2, num_heads=4, mlp_dim=1024, dropout=0.1),
+      text=dict(vocab_size=49408, context_length=77, width=768, depth=12, num_heads=12,
+                mlp_dim=3072, output_dim=1024, act="gelu", eot_token_id=None),
+      lm=dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_heads=32,
+              num_encoder_layers=24, num_decoder_layers=24, dropout_rate=0.1),
+      train_vision_encoder=False,
+      train_text_encoder=False,
+      recompute_text_tables=False,
+      loss=dict(lm=1.0, tag=0.01, rtc=0.5, siglip_stop_gradient=True,
+                asl=dict(gamma_neg=7.0, gamma_pos=0.0, clip=0.05)),
+      generate=dict(num_beams=2, max_new_tokens=20, min_length=1, repetition_penalty=1.5,
+                    length_penalty=0.0),
+      tag_threshold=0.7,
+  ))
+
+
+def toy_model(vocab_size: int = AUTO) -> ml_collections.ConfigDict:
+  """Every stage of DynRefer at a size that trains in seconds on a CPU."""
+  m = full_model()
+  m.dtype = "float32"
+  m.num_query_tokens = 8
+  m.vit = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,
+               qkv_bias="qv", act="gelu", ln_eps=1e-6)
+  m.roi = dict(output_size=4, sampling_ratio=2, aligned=False)
+  m.qformer = dict(num_layers=2, hidden=32, num_heads=4, mlp_dim=64, cross_attention_freq=2,
+                   dropout=0.0)
+  m.head = dict(hidden=32, num_layers=1, num_heads=2, mlp_dim=64, dropout=0.0)
+  m.text = dict(vocab_size=vocab_size, context_length=24, width=32, depth=1, num_heads=2,
+                mlp_dim=64, output_dim=32, act="gelu", eot_token_id=1)
+  m.lm = dict(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+              num_encoder_layers=1, num_decoder_layers=2, dropout_rate=0.0)
+  m.train_vision_encoder = True
+  m.train_text_encoder = True
+  m.recompute_text_tables = True
+  m.generate = dict(num_beams=2, max_new_tokens=16, min_length=1, repetition_penalty=1.0,
+                    length_penalty=0.0)
+  m.tag_threshold = 0.5
+  return m
+
+
+def optim() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      lr=1e-4, min_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+      no_decay_patterns=("bias", "ln", "bn"), schedule="per_epoch", epochs=5,
+      warmup_steps=0, warmup_lr=-1.0, grad_clip_norm=0.0))
+
+
+def sharding_config(mesh=None) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      mesh=mesh or dict(data=-1, fsdp=1, tensor=1),
+      rules=[list(r) for r in sharding.DEFAULT_RULES]))
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.trainable = list(ORIGINAL_TRAINABLE)
+  c.frozen_dtype = "bfloat16"
+  c.optim = optim()
+  c.train = dict(batch_size=512, steps=0, log_every=50, checkpoint_every=1000,
+                 keep_checkpoints=3, async_checkpoint=True)
+  c.sharding = sharding_config()
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
+  c.resume = ""
+  c.model_init = ""
+  return c

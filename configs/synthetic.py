@@ -1,0 +1,52 @@
+r"""DynRefer on the synthetic region world, trained and evaluated on a CPU.
+
+  python -m dynrefer_jax.main --workdir workdirs/synthetic                      # the main job
+  python -m dynrefer_jax.train --config configs/synthetic.py:smoke --workdir /tmp/smoke
+
+Arguments: "" (the default main job), "smoke" (seconds; the test suite), "ablation:<variant>"
+with variant in t0, t1, random2, phash3 (SPEC §14's ablation, same budget each).
+Every part of DynRefer is present and, since nothing here is pretrained, trainable.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = arg or ""
+  c = common.base()
+  c.seed = 0
+  c.trainable = [".*"]           # nothing is pretrained in the synthetic world
+  c.frozen_dtype = ""
+  c.model = common.toy_model()
+  c.data = dict(name="synthetic", dir="", seed=0, image_size=96, max_image_size=96,
+                num_images=dict(train=600, val=40, test=80, heldout=40),
+                caption_len=16, control_len=16, text_len=16)
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 0.01
+  c.optim.schedule = "per_step"
+  c.optim.epochs = 1
+  c.optim.warmup_steps = 50
+  c.optim.warmup_lr = 0.0
+  c.optim.grad_clip_norm = 1.0
+  c.train = dict(batch_size=32, steps=1500, log_every=25, checkpoint_every=500,
+                 keep_checkpoints=2, async_checkpoint=True)
+  c.eval = dict(batch_size=64, view_selection="phash", splits=["test", "heldout"])
+
+  if arg == "smoke":
+    c.data.num_images = dict(train=8, val=4, test=4, heldout=4)
+    c.data.image_size = 64
+    c.data.max_image_size = 64
+    c.train.batch_size = 8
+    c.train.steps = 2
+    c.train.log_every = 1
+    c.train.checkpoint_every = 2
+    c.optim.warmup_steps = 0
+  elif arg.startswith("ablation"):
+    variant = arg.partition(":")[2] or "phash3"
+    if variant not in ("t0", "t1", "random2", "phash3"):
+      raise ValueError(f"unknown ablation variant {variant!r}: t0, t1, random2 or phash3")
+    c.ablation = variant
+    c.model.num_views = {"t0": 1, "t1": 1, "random2": 2, "phash3": 3}[variant]
+  elif arg:
+    raise ValueError(f"unknown argument {arg!r}: '', 'smoke' or 'ablation:<variant>'")
+  return c

@@ -1,0 +1,53 @@
+"""The three heads' losses (SPEC §7a, §7b, §7c)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def asymmetric_loss(logits: jax.Array, targets: jax.Array, *, gamma_neg: float = 7.0,
+                    gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8,
+                    mask: jax.Array | None = None) -> jax.Array:
+  """AsymmetricLoss, summed (not averaged) over batch × tags, as the original.
+
+  logits, targets: float[B, K]; mask: optional bool[B] (padding rows contribute nothing).
+  L = −Σ [ y·log(max(p, eps)) + (1−y)·log(max(p_neg, eps)) ] · w, with p = σ(x),
+  p_neg = min(1 − p + clip, 1) and the focusing weight w = (1 − p_t)^γ computed without gradient.
+  """
+  logits = logits.astype(jnp.float32)
+  y = targets.astype(jnp.float32)
+  p = jax.nn.sigmoid(logits)
+  p_neg = jnp.minimum(1.0 - p + clip, 1.0) if clip > 0 else 1.0 - p
+  loss = y * jnp.log(jnp.maximum(p, eps)) + (1 - y) * jnp.log(jnp.maximum(p_neg, eps))
+  pt = p * y + p_neg * (1 - y)
+  gamma = gamma_pos * y + gamma_neg * (1 - y)
+  weight = jax.lax.stop_gradient(jnp.power(1.0 - pt, gamma))
+  loss = loss * weight
+  if mask is not None:
+    loss = loss * mask[:, None].astype(loss.dtype)
+  return -loss.sum()
+
+
+def siglip_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """One direction of the sigmoid loss: rows are queries, the positive is the diagonal.
+
+  logits: float[N, N] (already scaled by exp(t) and shifted by b). Returns −Σ log σ(y·l) / N,
+  with y = +1 on the diagonal, −1 elsewhere. `mask` (bool[N]) drops padding rows and columns.
+  """
+  n = logits.shape[0]
+  labels = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
+  terms = jax.nn.log_sigmoid(labels * logits.astype(jnp.float32))
+  if mask is None:
+    return -terms.sum() / n
+  m = mask.astype(jnp.float32)
+  terms = terms * m[:, None] * m[None, :]
+  return -terms.sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, label_mask: jax.Array) -> jax.Array:
+  """Token-mean cross-entropy over positions where label_mask is True (HF's −100 = ignore)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  m = label_mask.astype(jnp.float32)
+  return (nll * m).sum() / jnp.maximum(m.sum(), 1.0)
