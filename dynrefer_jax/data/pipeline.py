@@ -1,0 +1,262 @@
+"""tf.data input pipeline: per-process local batches in the batch format of docs/ARCHITECTURE.md.
+
+Order and resumption. Rows are addressed by index (sources.RegionTable). Training step k of an
+uninterrupted run consumes the global positions [k*G, (k+1)*G) of epoch e = k // steps_per_epoch,
+mapped to rows by a stateless per-epoch permutation (`tf.random.experimental.index_shuffle` with
+seed (seed, e)); process p takes the slice [p*L, (p+1)*L) of each global batch (L = G / P). So
+the whole stream is a pure function of (seed, step): two runs give the same order, a pipeline
+built with `start_step=k` yields exactly batches k, k+1, ... (the iterator position saved with a
+checkpoint is just the step), and in every step the processes read disjoint rows that together
+form the global batch. The remainder of each epoch (N mod G rows, different rows each epoch) is
+dropped. Control words (SPEC §7c) are drawn with stateless RNGs seeded by (seed, epoch, row), so
+they are reproducible and resumable too.
+
+Images stay at their stored resolution unless a side exceeds `max_image_size` (then they are
+resized down keeping the aspect ratio, and the box with them), and are zero-padded bottom/right
+to [S, S, 3]; the true size is `image_hw`. Views are cut on the device.
+
+TensorFlow is kept off the accelerators (it would otherwise grab GPU memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from dynrefer_jax.data import sources as sources_lib
+
+_tf = None
+
+
+def _tensorflow():
+  """Imports TensorFlow once, hiding every accelerator from it."""
+  global _tf
+  if _tf is None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+    try:
+      tf.config.set_visible_devices([], "TPU")
+    except (ValueError, RuntimeError):
+      pass
+    _tf = tf
+  return _tf
+
+
+FULL_DROP_PROB = 0.5  # SPEC §7c `full_drop_ratio`: the control string is just "|".
+KEEP_PROB = 0.5       # each candidate word kept independently.
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def _pad_ids(seqs: list[list[int]], length: int, eos_id: int) -> np.ndarray:
+  """int32[N, length]: each sequence truncated to length-1 tokens, `</s>` appended, 0-padded."""
+  out = np.zeros((len(seqs), length), np.int32)
+  for i, s in enumerate(seqs):
+    s = list(s[:length - 1]) + [eos_id]
+    out[i, :len(s)] = s
+  return out
+
+
+def _encode(tokenizer, texts, length: int) -> np.ndarray:
+  ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
+  return _pad_ids(ids, length, tokenizer.eos_token_id)
+
+
+def _single_id(tokenizer, text: str) -> int:
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  return ids[-1]  # sentencepiece may prefix a "▁" piece; the symbol is the last one
+
+
+class _Tables:
+  """Per-source constants, tokenised once on the host and captured by the tf.data graph."""
+
+  def __init__(self, table: sources_lib.RegionTable, tokenizer, caption_len, control_len,
+               text_len):
+    tf = _tensorflow()
+    self.n = len(table)
+    self.num_tags = len(table.tag_vocab)
+    self.image_path = tf.constant(table.image_path.astype(str))
+    self.image_id = tf.constant(table.image_id)
+    self.region_id = tf.constant(table.region_id)
+    self.box = tf.constant(table.box)
+    self.caption_ids = tf.constant(_encode(tokenizer, table.caption, caption_len))
+    self.text_ids = tf.constant(_encode(tokenizer, table.caption, text_len))
+    self.category = tf.constant(table.category)
+    self.attributes = tf.constant(table.attributes)
+    self.tag_ids = tf.ragged.constant([t.tolist() for t in table.tag_ids], dtype=tf.int32,
+                                      ragged_rank=1, row_splits_dtype=tf.int64) \
+        if self.n else None
+    vocab = list(table.tag_vocab) or ["<none>"]
+    tag_tokens = tokenizer(vocab, add_special_tokens=False)["input_ids"]
+    self.tag_tokens = tf.ragged.constant(tag_tokens, dtype=tf.int32, row_splits_dtype=tf.int64)
+    self.comma = _single_id(tokenizer, ",")
+    self.bar = _single_id(tokenizer, "|")
+    self.eos = tokenizer.eos_token_id
+    self.control_len = control_len
+
+
+def _control_ids(t: _Tables, tag_ids, seed):
+  """Training control words (SPEC §7c) as token ids: "|" with p = FULL_DROP_PROB, otherwise each
+  candidate tag kept with p = KEEP_PROB, shuffled, joined by ","; then "|" and `</s>`."""
+  tf = _tensorflow()
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  n = tf.shape(tag_ids)[0]
+  keep = tf.random.stateless_uniform([n], seeds[0]) < KEEP_PROB
+  keep &= tf.random.stateless_uniform([], seeds[1]) >= FULL_DROP_PROB
+  order = tf.argsort(tf.random.stateless_uniform([n], seeds[2]))
+  kept = tf.boolean_mask(tf.gather(tag_ids, order), tf.gather(keep, order))
+  words = tf.gather(t.tag_tokens, kept)                           # ragged [m, None]
+  m = tf.shape(kept)[0]
+  commas = tf.RaggedTensor.from_tensor(tf.fill([m, 1], t.comma))
+  tokens = tf.concat([words, commas], axis=1).flat_values[:-1]   # drop the last ","
+  tokens = tf.concat([tokens, [t.bar]], 0)[:t.control_len - 1]
+  tokens = tf.concat([tokens, [t.eos]], 0)
+  pad = t.control_len - tf.shape(tokens)[0]
+  ids = tf.pad(tokens, [[0, pad]])
+  return tf.ensure_shape(ids, [t.control_len])
+
+
+def _empty_control(t: _Tables):
+  """Evaluation control words: "|" (the model substitutes its predicted tags)."""
+  tf = _tensorflow()
+  return tf.constant([t.bar, t.eos] + [0] * (t.control_len - 2), tf.int32)
+
+
+def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
+  """One example dict (ARCHITECTURE.md batch format, unbatched) for table row `row`."""
+  tf = _tensorflow()
+  s = max_image_size
+  image = tf.io.decode_image(tf.io.read_file(t.image_path[row]), channels=3,
+                             expand_animations=False, dtype=tf.uint8)
+  hw = tf.shape(image)[:2]
+  scale = tf.minimum(1.0, s / tf.cast(tf.reduce_max(hw), tf.float32))
+  new_hw = tf.maximum(1, tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32))
+  new_hw = tf.minimum(new_hw, s)
+  image = tf.cond(
+      scale < 1.0,
+      lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+          image, new_hw, method="bilinear", antialias=True)), 0, 255), tf.uint8),
+      lambda: image)
+  image = tf.image.pad_to_bounding_box(image, 0, 0, s, s)
+  sy, sx = tf.unstack(tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32))
+  box = t.box[row] * tf.stack([sx, sy, sx, sy])
+  tags = tf.gather(t.tag_ids, row) if t.tag_ids is not None else tf.zeros([0], tf.int32)
+  multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
+  if control_seed is None:
+    control = _empty_control(t)
+  else:
+    control = _control_ids(t, tags, control_seed)
+  caption_ids = t.caption_ids[row]
+  return {
+      "image": tf.ensure_shape(image, [s, s, 3]),
+      "image_hw": new_hw,
+      "box": box,
+      "caption_ids": caption_ids,
+      "caption_mask": tf.cast(caption_ids != 0, tf.int32),
+      "control_ids": control,
+      "control_mask": tf.cast(control != 0, tf.int32),
+      "text_ids": t.text_ids[row],
+      "tags": tf.ensure_shape(multi_hot, [t.num_tags]),
+      "category": t.category[row],
+      "attributes": t.attributes[row],
+  }
+
+
+def _options(ds):
+  tf = _tensorflow()
+  opts = tf.data.Options()
+  opts.deterministic = True
+  opts.experimental_optimization.map_parallelization = True
+  return ds.with_options(opts)
+
+
+def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, seed: int,
+                        tokenizer, max_image_size: int, process_index: int = 0,
+                        process_count: int = 1, start_step: int = 0, caption_len: int = 32,
+                        control_len: int = 32, text_len: int = 32, prefetch: int = 2,
+                        ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator of this process's training batches (dict of numpy arrays, B = global /
+  process_count rows), starting at global step `start_step`. See the module docstring."""
+  tf = _tensorflow()
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} not divisible by {process_count}")
+  n = source.num_examples
+  steps_per_epoch = n // global_batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"{n} examples cannot fill one global batch of {global_batch_size}")
+  local = global_batch_size // process_count
+  t = _Tables(source.table, tokenizer, caption_len, control_len, text_len)
+
+  def example(counter):
+    step, r = counter // local, counter % local
+    epoch, j = step // steps_per_epoch, step % steps_per_epoch
+    position = j * global_batch_size + process_index * local + r
+    epoch_seed = tf.stack([tf.cast(seed, tf.int64), epoch])
+    row = tf.random.experimental.index_shuffle(position, epoch_seed, n - 1)
+    control_seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.cast(seed, tf.int64) + 1, epoch]), row)
+    ex = _load_row(t, row, max_image_size, control_seed)
+    ex["mask"] = tf.constant(True)  # training batches are never padded
+    return ex
+
+  ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = _options(ds.batch(local, drop_remainder=True).prefetch(prefetch))
+  return ds.as_numpy_iterator()
+
+
+class EvalIterable:
+  """Re-iterable evaluation batches for this process: its contiguous shard of rows in order,
+  the last batch padded with `mask=False` rows, and as many steps on every process (the count of
+  the largest shard), so all hosts run the same number of steps.
+
+  Besides the ARCHITECTURE.md keys, each batch holds `image_id` int64[B], `region_id` int64[B]
+  and `captions`: a list of B reference lists (empty for padding rows).
+  """
+
+  def __init__(self, source, *, global_batch_size, tokenizer, max_image_size, process_index=0,
+               process_count=1, caption_len=32, control_len=32, text_len=32, prefetch=2):
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch {global_batch_size} not divisible by {process_count}")
+    self.source = source
+    self.local = global_batch_size // process_count
+    self.start, self.end = source.process_range(process_index, process_count)
+    largest = -(-source.num_examples // process_count)
+    self.num_steps = -(-largest // self.local)
+    self.max_image_size = max_image_size
+    self.prefetch = prefetch
+    self._t = _Tables(source.table, tokenizer, caption_len, control_len, text_len)
+
+  def __len__(self) -> int:
+    return self.num_steps
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    tf = _tensorflow()
+    t, start, count = self._t, self.start, self.end - self.start
+
+    def example(c):
+      valid = c < count
+      row = tf.where(valid, start + c, min(start, max(t.n - 1, 0)))
+      ex = _load_row(t, row, self.max_image_size)
+      ex["mask"] = valid
+      ex["row"] = row
+      ex["image_id"] = t.image_id[row]
+      ex["region_id"] = t.region_id[row]
+      return ex
+
+    ds = tf.data.Dataset.range(self.num_steps * self.local)
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _options(ds.batch(self.local, drop_remainder=True).prefetch(self.prefetch))
+    refs = self.source.table.references
+    for batch in ds.as_numpy_iterator():
+      rows = batch.pop("row")
+      batch["captions"] = [list(refs[r]) if m else [] for r, m in zip(rows, batch["mask"])]
+      yield batch
+
+
+def make_eval_iterator(source: sources_lib.Source, **kw) -> EvalIterable:
+  """See `EvalIterable`; iterate it once per evaluation."""
+  return EvalIterable(source, **kw)
+

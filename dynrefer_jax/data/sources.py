@@ -1,0 +1,177 @@
+"""Data sources: where the region examples come from, as one in-memory table per split.
+
+A source turns a dataset on disk into a `RegionTable`: one row per region (DynRefer trains with
+`obj_lvl`: every (image, region) pair is one example), holding the image file path, the box in
+xyxy pixels of the file as stored, the caption and its reference list, tag indices, category and
+attributes. The pipeline (pipeline.py) addresses rows by index, which is what makes the order a
+pure function of (seed, step) and therefore resumable and shardable.
+
+Every source knows its total example count and its per-process count (the data contract of
+STYLE.md #7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def preprocess_caption(text: str) -> str:
+  """LAVIS `blip_caption` (SPEC §7c). Uses data/captions.py when present (owned elsewhere);
+  the fallback here applies the same documented rule."""
+  try:
+    from dynrefer_jax.data.captions import preprocess_caption as impl  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    impl = None
+  if impl is not None:
+    return impl(text)
+  text = text.lower()
+  for ch in '.!"()*#:;~':
+    text = text.replace(ch, " ")
+  return " ".join(text.split()[:50])
+
+
+@dataclasses.dataclass
+class RegionTable:
+  """All regions of a split. N rows; K tags; A attributes.
+
+  image_path:   str[N]      absolute path of the image file.
+  image_id:     int64[N]
+  region_id:    int64[N]    unique within the split (predictions join back on it).
+  box:          float32[N, 4]  x1, y1, x2, y2 in pixels of the stored image.
+  caption:      str[N]      the training caption (preprocessed).
+  references:   list[list[str]]  reference captions for evaluators.
+  tag_ids:      list of int arrays, the union of tag_set1 and tag_set2 (indices into tag_vocab).
+  category:     int32[N]    index into `categories`, -1 when the dataset has none (VG).
+  attributes:   int32[N, A] 1 positive, 0 negative, -1 ignore (all -1 when the dataset has none).
+  """
+  image_path: np.ndarray
+  image_id: np.ndarray
+  region_id: np.ndarray
+  box: np.ndarray
+  caption: np.ndarray
+  references: list[list[str]]
+  tag_ids: list[np.ndarray]
+  category: np.ndarray
+  attributes: np.ndarray
+  tag_vocab: list[str]
+  categories: list[str]
+  attribute_names: list[str]
+
+  def __len__(self) -> int:
+    return len(self.image_id)
+
+
+class Source:
+  """Base class: subclasses implement `_build_table()`."""
+
+  def __init__(self):
+    self._table: RegionTable | None = None
+
+  @property
+  def table(self) -> RegionTable:
+    if self._table is None:
+      self._table = self._build_table()
+    return self._table
+
+  def _build_table(self) -> RegionTable:
+    raise NotImplementedError
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.table)
+
+  def process_range(self, process_index: int, process_count: int) -> tuple[int, int]:
+    """The contiguous [start, end) shard of rows that `process_index` evaluates."""
+    n = self.num_examples
+    return n * process_index // process_count, n * (process_index + 1) // process_count
+
+  def num_examples_for(self, process_index: int, process_count: int) -> int:
+    start, end = self.process_range(process_index, process_count)
+    return end - start
+
+
+def table_from_coco_style(data: dict[str, Any], image_root: str, *, tag_vocab: Sequence[str],
+                          categories: Sequence[str], attribute_names: Sequence[str]
+                          ) -> RegionTable:
+  """Builds a table from our COCO-style record format (synthetic.py and the builders write it):
+
+  images[{id, file_name}], annotations[{id, image_id, bbox [x, y, w, h], caption,
+  references?, tags? (strings) | tag_ids? (ints), category? (str), attributes? {name: v} |
+  att_vec? [A]}].
+  """
+  files = {im["id"]: os.path.join(image_root, im["file_name"]) for im in data["images"]}
+  tag_index = {t: i for i, t in enumerate(tag_vocab)}
+  cat_index = {c: i for i, c in enumerate(categories)}
+  anns = data["annotations"]
+  n, num_attrs = len(anns), len(attribute_names)
+  box = np.zeros((n, 4), np.float32)
+  attributes = np.full((n, num_attrs), -1, np.int32)
+  category = np.full((n,), -1, np.int32)
+  captions, refs, tag_ids = [], [], []
+  for i, a in enumerate(anns):
+    x, y, w, h = a["bbox"]
+    box[i] = (x, y, x + w, y + h)
+    caption = preprocess_caption(a["caption"])
+    captions.append(caption)
+    refs.append([preprocess_caption(r) for r in a.get("references", [a["caption"]])])
+    if "tag_ids" in a:
+      tag_ids.append(np.asarray(a["tag_ids"], np.int32))
+    else:
+      tag_ids.append(np.asarray([tag_index[t] for t in a.get("tags", []) if t in tag_index],
+                                np.int32))
+    if a.get("category") is not None:
+      category[i] = cat_index[a["category"]]
+    if isinstance(a.get("attributes"), dict):
+      for j, name in enumerate(attribute_names):
+        attributes[i, j] = a["attributes"].get(name, -1)
+    elif a.get("att_vec") is not None:
+      attributes[i] = np.asarray(a["att_vec"], np.int32)
+  return RegionTable(
+      image_path=np.asarray([files[a["image_id"]] for a in anns], dtype=object),
+      image_id=np.asarray([a["image_id"] for a in anns], np.int64),
+      region_id=np.asarray([a["id"] for a in anns], np.int64),
+      box=box, caption=np.asarray(captions, dtype=object), references=refs, tag_ids=tag_ids,
+      category=category, attributes=attributes, tag_vocab=list(tag_vocab),
+      categories=list(categories), attribute_names=list(attribute_names))
+
+
+class SyntheticSource(Source):
+  """A split of the synthetic world written by `synthetic.generate` / `synthetic.ensure`."""
+
+  def __init__(self, directory: str, split: str):
+    super().__init__()
+    self.directory, self.split = directory, split
+    with open(os.path.join(directory, "meta.json")) as f:
+      self.meta = json.load(f)
+
+  def _build_table(self) -> RegionTable:
+    with open(os.path.join(self.directory, f"{self.split}.json")) as f:
+      data = json.load(f)
+    return table_from_coco_style(
+        data, os.path.join(self.directory, "images"), tag_vocab=self.meta["tags"],
+        categories=self.meta["categories"],
+        attribute_names=[a["name"] for a in self.meta["attributes"]])
+
+
+class JsonSource(Source):
+  """Records written by `tools/prepare_data.py` (or any file in our COCO-style record format):
+  `<dir>/<split>.json` with a top-level `vocab` {tags, categories, attributes} and
+  `dataset.image_root` (relative to the file's directory or absolute)."""
+
+  def __init__(self, directory: str, split: str):
+    super().__init__()
+    self.directory, self.split = directory, split
+
+  def _build_table(self) -> RegionTable:
+    with open(os.path.join(self.directory, f"{self.split}.json")) as f:
+      data = json.load(f)
+    root = os.path.join(self.directory, data.get("dataset", {}).get("image_root", ""))
+    vocab = data.get("vocab", {})
+    return table_from_coco_style(data, root, tag_vocab=vocab.get("tags", []),
+                                 categories=vocab.get("categories", []),
+                                 attribute_names=vocab.get("attributes", []))
