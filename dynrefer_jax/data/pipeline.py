@@ -176,9 +176,12 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
                         tokenizer, max_image_size: int, process_index: int = 0,
                         process_count: int = 1, start_step: int = 0, caption_len: int = 32,
                         control_len: int = 32, text_len: int = 32, prefetch: int = 2,
-                        ) -> Iterator[dict[str, np.ndarray]]:
+                        with_ids: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator of this process's training batches (dict of numpy arrays, B = global /
-  process_count rows), starting at global step `start_step`. See the module docstring."""
+  process_count rows), starting at global step `start_step`. See the module docstring.
+
+  with_ids: also yield `image_id` and `region_id` (int64[B]), for tests and debugging.
+  """
   tf = _tensorflow()
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} not divisible by {process_count}")
@@ -199,6 +202,8 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
         tf.stack([tf.cast(seed, tf.int64) + 1, epoch]), row)
     ex = _load_row(t, row, max_image_size, control_seed)
     ex["mask"] = tf.constant(True)  # training batches are never padded
+    if with_ids:
+      ex["image_id"], ex["region_id"] = t.image_id[row], t.region_id[row]
     return ex
 
   ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max)
