@@ -1,0 +1,204 @@
+"""The tf.data pipeline: batch format, order, resumption, process sharding, eval padding."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dynrefer_jax.data import pipeline, sources, synthetic
+from dynrefer_jax.data import tokenizer as tok_lib
+
+S = 96          # max_image_size (the world's images are 80 px high, 60-80 px wide)
+G = 32          # global batch
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("pipe") / "world")
+  synthetic.generate(root, seed=0, num_images={"train": 14, "val": 5}, image_size=80)
+  return root
+
+
+@pytest.fixture(scope="module")
+def tok(world, tmp_path_factory):
+  meta = synthetic.load_meta(world)
+  texts = [a["caption"] for a in synthetic.load_split(world, "train")["annotations"]]
+  texts += [a["caption"] for a in synthetic.load_split(world, "val")["annotations"]]
+  return tok_lib.build_tokenizer(texts + meta["tags"], str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def train(world):
+  return sources.SyntheticSource(world, "train")
+
+
+@pytest.fixture(scope="module")
+def annotations(world):
+  data = synthetic.load_split(world, "train")
+  data.update({"by_id": {a["id"]: a for a in data["annotations"]},
+               "image": {im["id"]: im for im in data["images"]}})
+  return data
+
+
+def _take(it, n):
+  return list(itertools.islice(it, n))
+
+
+def _train(train, tok, **kw):
+  args = dict(global_batch_size=G, seed=7, tokenizer=tok, max_image_size=S, with_ids=True)
+  args.update(kw)
+  return pipeline.make_train_iterator(train, **args)
+
+
+def test_batch_format(train, tok):
+  batch = next(_train(train, tok, with_ids=False))
+  k = len(synthetic.tag_vocabulary())
+  want = {"image": (np.uint8, (G, S, S, 3)), "image_hw": (np.int32, (G, 2)),
+          "box": (np.float32, (G, 4)), "caption_ids": (np.int32, (G, 32)),
+          "caption_mask": (np.int32, (G, 32)), "control_ids": (np.int32, (G, 32)),
+          "control_mask": (np.int32, (G, 32)), "text_ids": (np.int32, (G, 32)),
+          "tags": (np.float32, (G, k)), "category": (np.int32, (G,)),
+          "attributes": (np.int32, (G, 15)), "mask": (np.bool_, (G,))}
+  assert set(batch) == set(want)
+  for key, (dtype, shape) in want.items():
+    assert batch[key].dtype == dtype and batch[key].shape == shape, key
+  assert batch["mask"].all()
+
+
+def test_rows_match_annotations(world, train, tok, annotations):
+  batch = next(_train(train, tok))
+  vocab = synthetic.tag_vocabulary()
+  for i in range(G):
+    a = annotations["by_id"][int(batch["region_id"][i])]
+    im = annotations["image"][a["image_id"]]
+    assert batch["image_id"][i] == a["image_id"]
+    # Images smaller than S: stored pixels unchanged, zero padding elsewhere.
+    h, w = im["height"], im["width"]
+    assert tuple(batch["image_hw"][i]) == (h, w)
+    png = np.asarray(Image.open(os.path.join(world, "images", im["file_name"])))
+    np.testing.assert_array_equal(batch["image"][i, :h, :w], png)
+    assert not batch["image"][i, h:].any() and not batch["image"][i, :, w:].any()
+    x, y, bw, bh = a["bbox"]
+    np.testing.assert_allclose(batch["box"][i], [x, y, x + bw, y + bh])
+    assert tok.decode(batch["caption_ids"][i], skip_special_tokens=True) == a["caption"]
+    n = len(a["caption"].split())
+    assert batch["caption_ids"][i, n] == 1 and batch["caption_mask"][i].sum() == n + 1
+    np.testing.assert_array_equal(batch["text_ids"][i], batch["caption_ids"][i])
+    assert {vocab[j] for j in np.flatnonzero(batch["tags"][i])} == set(a["tags"])
+    assert batch["category"][i] == synthetic.CATEGORIES.index(a["category"])
+    names = synthetic.attribute_names()
+    assert [a["attributes"][n_] for n_ in names] == batch["attributes"][i].tolist()
+
+
+def test_control_words(train, tok, annotations):
+  batches = _take(_train(train, tok), 8)
+  only_bar = total = 0
+  for batch in batches:
+    for i in range(G):
+      a = annotations["by_id"][int(batch["region_id"][i])]
+      toks = tok.convert_ids_to_tokens(batch["control_ids"][i][batch["control_mask"][i] > 0])
+      assert toks[-2:] == ["|", "</s>"]
+      words = [w for w in " ".join(toks[:-2]).split(" , ") if w]
+      assert len(set(words)) == len(words) and set(words) <= set(a["tags"])
+      only_bar += not words
+      total += 1
+  # P("|" alone) = 0.5 + 0.5 * 0.5^#tags ~ 0.5 for ~5-9 tags.
+  assert 0.38 < only_bar / total < 0.66
+
+
+def test_same_order_twice_and_seed_matters(train, tok):
+  a = _take(_train(train, tok), 3)
+  b = _take(_train(train, tok), 3)
+  c = _take(_train(train, tok, seed=8), 3)
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert any((x["region_id"] != z["region_id"]).any() for x, z in zip(a, c))
+
+
+def test_resume_yields_exactly_the_remaining_batches(train, tok):
+  spe = train.num_examples // G
+  n = spe + 3  # crosses an epoch boundary
+  full = _take(_train(train, tok), n)
+  k = spe - 1
+  resumed = _take(_train(train, tok, start_step=k), n - k)
+  for x, y in zip(full[k:], resumed):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_epochs_are_permutations_and_processes_disjoint(train, tok):
+  spe = train.num_examples // G
+  one = _take(_train(train, tok), 2 * spe)
+  p0 = _take(_train(train, tok, process_index=0, process_count=2), 2 * spe)
+  p1 = _take(_train(train, tok, process_index=1, process_count=2), 2 * spe)
+  all_ids = set(int(r) for r in train.table.region_id)
+  epochs = []
+  for e in range(2):
+    ids0 = np.concatenate([b["region_id"] for b in p0[e * spe:(e + 1) * spe]])
+    ids1 = np.concatenate([b["region_id"] for b in p1[e * spe:(e + 1) * spe]])
+    assert len(ids0) == len(ids1) == spe * G // 2
+    both = np.concatenate([ids0, ids1])
+    assert len(set(both)) == len(both) == spe * G  # disjoint, no repeats within an epoch
+    assert set(both) <= all_ids
+    assert len(all_ids) - len(set(both)) == train.num_examples % G  # only the remainder left
+    epochs.append(both)
+  assert not np.array_equal(np.sort(epochs[0]), np.sort(epochs[1])) or \
+      train.num_examples % G == 0
+  # The two processes' local batches are the two halves of the single-process global batch.
+  for x, y0, y1 in zip(one, p0, p1):
+    for key in x:
+      np.testing.assert_array_equal(x[key], np.concatenate([y0[key], y1[key]]))
+
+
+def test_large_images_are_resized_with_their_boxes(world, train, tok, annotations):
+  small = 40
+  batch = next(_train(train, tok, max_image_size=small))
+  for i in range(4):
+    a = annotations["by_id"][int(batch["region_id"][i])]
+    im = annotations["image"][a["image_id"]]
+    h, w = im["height"], im["width"]
+    scale = small / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    assert tuple(batch["image_hw"][i]) == (nh, nw)
+    x, y, bw, bh = a["bbox"]
+    np.testing.assert_allclose(batch["box"][i], [x * nw / w, y * nh / h, (x + bw) * nw / w,
+                                                 (y + bh) * nh / h], rtol=1e-5)
+    ref = np.asarray(Image.open(os.path.join(world, "images", im["file_name"])).resize(
+        (nw, nh), Image.BILINEAR), np.float32)
+    got = batch["image"][i, :nh, :nw].astype(np.float32)
+    assert np.abs(got - ref).mean() < 12  # same picture, different antialiasing filters
+    assert not batch["image"][i, nh:].any() and not batch["image"][i, :, nw:].any()
+
+
+def test_eval_padding_and_sharding(world, tok):
+  val = sources.SyntheticSource(world, "val")
+  n = val.num_examples
+  local = 8
+  runs = []
+  for p in range(2):
+    ev = pipeline.make_eval_iterator(val, global_batch_size=2 * local, tokenizer=tok,
+                                     max_image_size=S, process_index=p, process_count=2)
+    batches = list(ev)
+    assert len(batches) == len(ev) == -(-(-(-n // 2)) // local)
+    assert len(list(ev)) == len(batches)  # re-iterable
+    runs.append(batches)
+  seen = []
+  refs = {a["id"]: a["caption"] for a in synthetic.load_split(world, "val")["annotations"]}
+  for batches in runs:
+    for b in batches:
+      assert b["image"].shape == (local, S, S, 3) and b["mask"].dtype == np.bool_
+      for rid, m, caps in zip(b["region_id"], b["mask"], b["captions"]):
+        if m:
+          seen.append(int(rid))
+          assert caps == [refs[int(rid)]]
+        else:
+          assert caps == []
+      toks = tok.convert_ids_to_tokens(b["control_ids"][0][b["control_mask"][0] > 0])
+      assert toks == ["|", "</s>"]
+  assert sorted(seen) == sorted(refs)  # every region exactly once over the two hosts
+  pad = sum(int((~b["mask"]).sum()) for r in runs for b in r)
+  assert pad == 2 * len(runs[0]) * local - n
