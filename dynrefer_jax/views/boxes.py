@@ -1,0 +1,155 @@
+"""Nested view boxes (SPEC §2): box(t) = b + t·(I − b), from the tight box (t=0) to the image.
+
+Everything follows the original processor's arithmetic so that the integer crop boxes agree
+exactly:
+  * the referent box is first forced to at least 1 px per side (the annotation reader's rule);
+  * box(t) is computed in float32 (the original: a float32 numpy array times a Python float);
+  * each view box is clipped to [0, W]×[0, H] and truncated to an integer;
+  * the referent box inside a view is the clipped, truncated referent, shifted by the crop
+    origin and scaled by (out/w_crop, out/h_crop) in float32, then truncated again (the
+    original's torchvision `Resize` scales an int64 `BoundingBoxes` and casts back to int64).
+
+Shapes: B regions, V views. Boxes are (x1, y1, x2, y2) in pixels; `image_hw` is (height, width).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The original's candidate context views t_k = k/10, k = 1..10 (the reference view t=0 is fixed).
+CANDIDATE_TS = tuple((k + 1) / 10 for k in range(10))
+
+
+def force_min_size(box: jax.Array, image_hw: jax.Array) -> jax.Array:
+  """Forces a referent box to at least 1 px wide and high, as the original annotation reader.
+
+  Its rule, per axis: if x1 >= x2 − 1 then x1 := x2 − 1 when x2 > 0, else x2 := x1 + 1 when
+  x1 < W (a box that touches neither side is left alone). Idempotent on already valid boxes.
+
+  Args:
+    box: float[B, 4] (x1, y1, x2, y2).
+    image_hw: int[B, 2] (height, width).
+  Returns:
+    float32[B, 4].
+  """
+  box = box.astype(jnp.float32)
+  size = image_hw[:, ::-1].astype(jnp.float32)  # (W, H)
+  lo, hi = box[:, :2], box[:, 2:]
+  thin = lo >= hi - 1
+  move_lo = thin & (hi > 0)
+  move_hi = thin & ~move_lo & (size - lo > 0)
+  lo, hi = jnp.where(move_lo, hi - 1, lo), jnp.where(move_hi, lo + 1, hi)
+  return jnp.concatenate([lo, hi], axis=-1)
+
+
+def interpolate_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array) -> jax.Array:
+  """box(t) = b + (I − b)·t in float32, before clipping (the hash crops of the original).
+
+  Args:
+    box: float[B, 4]; image_hw: int[B, 2]; ts: float[B, V].
+  Returns:
+    float32[B, V, 4].
+  """
+  b = force_min_size(box, image_hw)
+  h, w = image_hw[:, 0].astype(jnp.float32), image_hw[:, 1].astype(jnp.float32)
+  zero = jnp.zeros_like(h)
+  full = jnp.stack([zero, zero, w, h], axis=-1)
+  # Multiply then add, as numpy does (no fused multiply-add: see the module docstring).
+  return b[:, None, :] + (full - b)[:, None, :] * ts.astype(jnp.float32)[:, :, None]
+
+
+def clip_truncate(box: jax.Array, image_hw: jax.Array) -> jax.Array:
+  """Clips float boxes [..., 4] to [0, W]×[0, H] and truncates to int32 (as `.to(int64)`).
+
+  Args:
+    box: float[B, ..., 4]; image_hw: int[B, 2].
+  Returns:
+    int32[B, ..., 4].
+  """
+  extra = (1,) * (box.ndim - 2)
+  h = image_hw[:, 0].astype(jnp.float32).reshape((-1,) + extra)
+  w = image_hw[:, 1].astype(jnp.float32).reshape((-1,) + extra)
+  x1 = jnp.clip(box[..., 0], 0, w)
+  y1 = jnp.clip(box[..., 1], 0, h)
+  x2 = jnp.clip(box[..., 2], 0, w)
+  y2 = jnp.clip(box[..., 3], 0, h)
+  # Values are >= 0 after clipping, so truncation toward zero equals floor.
+  return jnp.stack([x1, y1, x2, y2], axis=-1).astype(jnp.int32)
+
+
+def view_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array) -> jax.Array:
+  """Integer crop boxes of the views box(t) (SPEC §2).
+
+  Args:
+    box: float[B, 4] referent boxes (x1, y1, x2, y2) in image pixels.
+    image_hw: int[B, 2] true (height, width) of each region's image.
+    ts: float[B, V] the view parameters t in [0, 1].
+  Returns:
+    int32[B, V, 4] crop boxes, clipped to the image and truncated.
+  """
+  return clip_truncate(interpolate_boxes(box, image_hw, ts), image_hw)
+
+
+def boxes_in_views(box: jax.Array, image_hw: jax.Array, view_boxes: jax.Array,
+                   out_size: int) -> jax.Array:
+  """The referent box in each view's resized coordinates (SPEC §2, "Box inside each view").
+
+  The original truncates after scaling (its int64 box goes through torchvision's Resize and
+  back to int64), so the result holds integers; a 1-px-degenerate crop is guarded against
+  division by zero (such boxes are rejected by `validate_boxes` before the step).
+
+  Args:
+    box: float[B, 4] referent boxes in image pixels.
+    image_hw: int[B, 2] (height, width).
+    view_boxes: int[B, V, 4] from `view_boxes`.
+    out_size: side of the resized views (224).
+  Returns:
+    float32[B, V, 4] in [0, out_size] pixels of each view.
+  """
+  ref = clip_truncate(force_min_size(box, image_hw), image_hw)  # int32[B, 4]
+  origin = jnp.concatenate([view_boxes[..., :2], view_boxes[..., :2]], axis=-1)
+  rel = ref[:, None, :] - origin  # int32[B, V, 4]
+  wh = jnp.maximum(view_boxes[..., 2:] - view_boxes[..., :2], 1).astype(jnp.float32)
+  ratio = jnp.float32(out_size) / wh  # (out/w_crop, out/h_crop), float32 as torch.tensor(...)
+  ratio = jnp.concatenate([ratio, ratio], axis=-1)
+  return jnp.trunc(rel.astype(jnp.float32) * ratio)
+
+
+def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
+  """Host-side check before a step: rejects boxes the original could not process.
+
+  Raises ValueError naming the first offending region index for: non-finite coordinates, a box
+  with x2 < x1 or y2 < y1 after clipping to the image, or a box that is empty after clipping
+  (it lies outside the image, so no pixel of it can be cropped; the original crashes on it).
+
+  Args:
+    box: float[B, 4] (x1, y1, x2, y2); image_hw: int[B, 2] (height, width).
+  """
+  box = np.asarray(box, np.float32)
+  image_hw = np.asarray(image_hw)
+  if box.ndim != 2 or box.shape[-1] != 4 or image_hw.shape != (box.shape[0], 2):
+    raise ValueError(f"expected box [B, 4] and image_hw [B, 2], got {box.shape}, {image_hw.shape}")
+  bad = ~np.isfinite(box).all(-1)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"region {i}: box {box[i].tolist()} has non-finite coordinates")
+  h = image_hw[:, 0].astype(np.float32)
+  w = image_hw[:, 1].astype(np.float32)
+  x1, x2 = np.clip(box[:, 0], 0, w), np.clip(box[:, 2], 0, w)
+  y1, y2 = np.clip(box[:, 1], 0, h), np.clip(box[:, 3], 0, h)
+  bad = (x2 < x1) | (y2 < y1)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"region {i}: box {box[i].tolist()} has x2 < x1 or y2 < y1 after clipping "
+                     f"to the {int(w[i])}x{int(h[i])} image")
+  # Apply the 1-px rule in numpy and look for crops left empty by clipping.
+  forced = np.asarray(force_min_size(jnp.asarray(box), jnp.asarray(image_hw)))
+  x1, x2 = np.clip(forced[:, 0], 0, w).astype(np.int64), np.clip(forced[:, 2], 0, w).astype(np.int64)
+  y1, y2 = np.clip(forced[:, 1], 0, h).astype(np.int64), np.clip(forced[:, 3], 0, h).astype(np.int64)
+  bad = (x2 <= x1) | (y2 <= y1)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"region {i}: box {box[i].tolist()} is empty after clipping to the "
+                     f"{int(w[i])}x{int(h[i])} image")
