@@ -1,0 +1,295 @@
+"""Shared record cleaning for the real-dataset builders: images, boxes, captions, labels.
+
+A builder reads one public annotation format into *raw records* (one per region):
+
+  {"image_file": str, "image_id": int, "region_id": int, "box": [x1, y1, x2, y2] (as given,
+   possibly bad), "caption": str, "references": [str] (optional), "category": str | None,
+   "att_vec": [A] | None}
+
+`clean_split` validates every image once and every record, repairing or skipping it by the rules
+below, and counts each decision in a `Report`. It never raises on a bad record.
+
+Rules (the kind names are the keys of the report):
+
+Images (decoded with PIL; `ImageFile.LOAD_TRUNCATED_IMAGES` stays False so truncation is caught)
+  image_missing        file absent                                  -> skip its regions
+  image_corrupt        cannot be decoded, or truncated              -> skip its regions
+  image_mode_<MODE>    not 8-bit RGB (L, LA, P, RGBA, CMYK, I;16...) -> repair: converted to RGB
+                       (16-bit scaled to 8 bit; alpha composited on black as the zero padding)
+  image_exif_rotated   EXIF orientation != 1                        -> repair: pixels transposed
+                       to the display orientation; boxes are taken to be in display coordinates
+                       (what annotators saw)
+  image_resized        longest side > max_image_size                -> repair: resized down keeping
+                       the aspect ratio, boxes scaled by the same factors
+  A repaired image is re-encoded as PNG under <out>/images/; a clean one is used in place.
+Boxes (xyxy, after any image resize)
+  box_nan              a non-finite coordinate                      -> skip
+  box_negative_size    x2 < x1 or y2 < y1                           -> skip
+  box_outside_image    no overlap with the image                    -> skip
+  box_clipped          crosses the border                           -> repair: clipped to the image
+  box_widened          width or height < 1 px (zero area)           -> repair: widened to 1 px as
+                       the original loader does (left/top edge moves out, else the right/bottom
+                       edge), except that the switch is at x2/y2 >= 1 rather than > 0 so the box
+                       stays inside the image
+Captions
+  caption_empty        empty or punctuation-only after cleaning     -> skip
+  caption_too_long     more tokens than the dataset's limit (VG 15) -> skip
+Labels
+  unknown_category     category not in the class list               -> skip
+  bad_attributes       attribute vector of the wrong length         -> skip
+  attribute_value_ignored  a value outside {1, 0, -1}               -> repair: set to -1 (ignore)
+Ids
+  duplicate_region_id  a region id seen before in the split         -> skip
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclasses.dataclass
+class Report:
+  """Counts of repairs and skips, with a few example records per kind."""
+  repaired: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  regions_in: int = 0
+  regions_out: int = 0
+  images_out: int = 0
+
+  def _note(self, kind: str, what: str) -> None:
+    ex = self.examples.setdefault(kind, [])
+    if len(ex) < 5:
+      ex.append(what)
+
+  def repair(self, kind: str, what: str, n: int = 1) -> None:
+    self.repaired[kind] += n
+    self._note(kind, what)
+
+  def skip(self, kind: str, what: str, n: int = 1) -> None:
+    self.skipped[kind] += n
+    self._note(kind, what)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"regions_in": self.regions_in, "regions_out": self.regions_out,
+            "images_out": self.images_out, "repaired": dict(sorted(self.repaired.items())),
+            "skipped": dict(sorted(self.skipped.items())), "examples": self.examples}
+
+
+# ----------------------------------------------------------------------------- captions
+
+# DenseCap's replacement table (jcjohnson/densecap preprocess.py, DATA_FORMATS §2.4).
+_DENSECAP_REPLACE = {"½": "half", "—": "-", "™": "", "¢": "cent", "ç": "c", "û": "u", "é": "e",
+                     "°": " degree", "è": "e", "…": ""}
+_PUNCT = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
+
+
+def densecap_tokens(phrase: str) -> list[str]:
+  """VG phrase tokens as DenseCap/ControlCap: replacements, lower-case, ASCII punctuation
+  deleted ("t-shirt" -> "tshirt"), split on whitespace."""
+  for a, b in _DENSECAP_REPLACE.items():
+    phrase = phrase.replace(a, b)
+  return _PUNCT.sub("", phrase.lower()).split()
+
+
+def is_empty_caption(text: str) -> bool:
+  return not re.search(r"[0-9A-Za-z\u00C0-\uFFFF]", text or "")
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def clean_box(box: Sequence[float], width: int, height: int, report: Report, what: str):
+  """Returns the repaired xyxy box as a list of floats, or None when skipped."""
+  if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+    report.skip("box_nan", what)
+    return None
+  x1, y1, x2, y2 = (float(v) for v in box)
+  if x2 < x1 or y2 < y1:
+    report.skip("box_negative_size", what)
+    return None
+  # Overlap with the image per axis; a zero-size box touching the image still counts as in.
+  ix = min(x2, width) - max(x1, 0.0)
+  iy = min(y2, height) - max(y1, 0.0)
+  if ix < 0 or iy < 0 or (x2 > x1 and ix == 0) or (y2 > y1 and iy == 0):
+    report.skip("box_outside_image", what)
+    return None
+  cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+  cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+  if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+    report.repair("box_clipped", what)
+  if cx2 - cx1 < 1 or cy2 - cy1 < 1:
+    if cx2 - cx1 < 1:
+      cx1, cx2 = (cx2 - 1, cx2) if cx2 >= 1 else (cx1, cx1 + 1)
+    if cy2 - cy1 < 1:
+      cy1, cy2 = (cy2 - 1, cy2) if cy2 >= 1 else (cy1, cy1 + 1)
+    report.repair("box_widened", what)
+  return [cx1, cy1, cx2, cy2]
+
+
+def xywh_to_xyxy(b: Sequence[Any]) -> list[float]:
+  try:
+    x, y, w, h = (float(v) for v in b)
+  except (TypeError, ValueError):
+    return [float("nan")] * 4
+  return [x, y, x + w, y + h]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+  if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if arr.max() > 255 else 255.0
+    return Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    rgba = img.convert("RGBA")
+    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, rgba).convert("RGB")
+  return img.convert("RGB")
+
+
+def check_image(path: str, max_image_size: int, report: Report, out_path: str):
+  """Validates (and if needed repairs) one image.
+
+  Returns (file to use, (width, height) after repair, scale applied to boxes) or None when the
+  image is skipped. A repaired image is written as PNG to `out_path` (atomically).
+  """
+  if not os.path.exists(path):
+    report.skip("image_missing", path)
+    return None
+  try:
+    with Image.open(path) as img:
+      img.load()
+      repaired = []
+      orientation = img.getexif().get(0x0112, 1)
+      if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+        repaired.append("image_exif_rotated")
+      if img.mode != "RGB" or img.info.get("transparency") is not None:
+        repaired.append(f"image_mode_{img.mode}")
+        img = _to_rgb8(img)
+      scale = 1.0
+      if max(img.size) > max_image_size:
+        scale = max_image_size / max(img.size)
+        new = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+        img = img.resize(new, Image.BICUBIC)
+        repaired.append("image_resized")
+      if not repaired:
+        return path, img.size, (1.0, 1.0)
+      os.makedirs(os.path.dirname(out_path), exist_ok=True)
+      tmp = out_path + ".tmp"
+      img.save(tmp, format="PNG")
+      os.replace(tmp, out_path)
+      for kind in repaired:
+        report.repair(kind, path)
+      with Image.open(path) as orig:
+        ow, oh = ImageOps.exif_transpose(orig).size if orientation != 1 else orig.size
+      return out_path, img.size, (img.size[0] / ow, img.size[1] / oh)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    report.skip("image_corrupt", f"{path}: {e}")
+    return None
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def clean_split(records: Iterable[dict[str, Any]], *, out_dir: str, split: str,
+                max_image_size: int, categories: Sequence[str] | None = None,
+                attribute_names: Sequence[str] | None = None,
+                max_caption_tokens: int | None = None, tag_parser=None
+                ) -> tuple[dict[str, Any], Report]:
+  """Cleans raw records into our COCO-style record file (sources.JsonSource reads it).
+
+  Returns (data, report); `data` has images, annotations (bbox xywh, caption, references,
+  tag_ids, category, att_vec) and vocab. Image files are absolute paths, or repaired copies
+  under out_dir/images/<split>/.
+  """
+  report = Report()
+  num_attributes = None if attribute_names is None else len(attribute_names)
+  by_image = collections.defaultdict(list)
+  for r in records:
+    report.regions_in += 1
+    by_image[(r["image_id"], r["image_file"])].append(r)
+  cat_set = set(categories or ())
+  images, annotations, seen_ids = [], [], set()
+  for (image_id, image_file), regs in by_image.items():
+    out_file = os.path.join(out_dir, "images", split, f"{image_id}.png")
+    checked = check_image(image_file, max_image_size, report, out_file)
+    if checked is None:
+      report.skipped["regions_of_skipped_images"] += len(regs)
+      continue
+    use_file, (w, h), (sx, sy) = checked
+    kept = []
+    for r in regs:
+      what = f"image {image_id} region {r['region_id']}"
+      try:
+        ann = _clean_region(r, w, h, sx, sy, report, what, cat_set, num_attributes,
+                            max_caption_tokens, tag_parser, seen_ids)
+      except Exception as e:  # never stop half-way on one bad record
+        report.skip(f"error_{type(e).__name__}", f"{what}: {e}")
+        ann = None
+      if ann is not None:
+        kept.append(ann)
+    if kept:
+      images.append({"id": image_id, "file_name": os.path.abspath(use_file), "width": w,
+                     "height": h})
+      annotations.extend(kept)
+  report.regions_out, report.images_out = len(annotations), len(images)
+  data = {"dataset": {"image_root": ""}, "images": images, "annotations": annotations,
+          "vocab": {"tags": list(tag_parser.vocabulary) if tag_parser else [],
+                    "categories": list(categories or []),
+                    "attributes": list(attribute_names or [])}}
+  return data, report
+
+
+def _clean_region(r, w, h, sx, sy, report, what, cat_set, num_attributes, max_caption_tokens,
+                  tag_parser, seen_ids):
+  if r["region_id"] in seen_ids:
+    report.skip("duplicate_region_id", what)
+    return None
+  category = r.get("category")
+  if cat_set and category not in cat_set:
+    report.skip("unknown_category", what)
+    return None
+  caption = r.get("caption") or ""
+  if is_empty_caption(caption):
+    report.skip("caption_empty", what)
+    return None
+  if max_caption_tokens is not None and len(caption.split()) > max_caption_tokens:
+    report.skip("caption_too_long", what)
+    return None
+  att = r.get("att_vec")
+  if num_attributes is not None:
+    if att is None or len(att) != num_attributes:
+      report.skip("bad_attributes", what)
+      return None
+    fixed = [v if v in (1, 0, -1) else -1 for v in att]
+    if fixed != list(att):
+      report.repair("attribute_value_ignored", what)
+    att = fixed
+  box = [v * s if isinstance(v, (int, float)) else v
+         for v, s in zip(r["box"], (sx, sy, sx, sy))]
+  box = clean_box(box, w, h, report, what)
+  if box is None:
+    return None
+  seen_ids.add(r["region_id"])
+  ann = {"id": r["region_id"], "image_id": r["image_id"],
+         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "caption": caption,
+         "references": r.get("references") or [caption], "category": category,
+         "att_vec": att}
+  if tag_parser is not None:
+    set1, set2 = tag_parser.tag_ids(caption)
+    ann["tag_ids"] = sorted(set(set1) | set(set2))
+  return ann
