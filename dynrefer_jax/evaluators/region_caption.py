@@ -8,18 +8,20 @@ and nothing may be downloaded at run time.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Hashable
+from typing import Any, Hashable
 
 from dynrefer_jax.evaluators import common
 
 
-def caption_metrics(gts: Mapping[Hashable, Sequence[str]],
-                    res: Mapping[Hashable, str]) -> dict[str, float]:
+def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, str],
+                    meteor: Any = None) -> dict[str, float]:
   """BLEU-4, METEOR, ROUGE-L and CIDEr (x100) of one caption per id against its references.
 
   Args:
     gts: id -> reference captions (raw text; tokenized here).
     res: id -> generated caption (raw text). Must have the same ids as `gts`.
+    meteor: an open pycocoevalcap `Meteor` to reuse (its JVM start and paraphrase-table load
+      take seconds); by default one is started here and stopped afterwards.
 
   Returns:
     {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}, corpus-level scores x100.
@@ -44,14 +46,15 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]],
   res_tok = tokenizer.tokenize({k: [{"caption": v}] for k, v in res.items()})
 
   bleu, _ = Bleu(4).compute_score(gts_tok, res_tok)
-  meteor_scorer = Meteor()
+  scorer = Meteor() if meteor is None else meteor
   try:
-    meteor, _ = meteor_scorer.compute_score(gts_tok, res_tok)
+    meteor_score, _ = scorer.compute_score(gts_tok, res_tok)
   finally:
-    common._close_meteor(meteor_scorer)  # pylint: disable=protected-access
+    if meteor is None:
+      common._close_meteor(scorer)  # pylint: disable=protected-access
   rouge, _ = Rouge().compute_score(gts_tok, res_tok)
   cider, _ = Cider().compute_score(gts_tok, res_tok)
-  return {"BLEU-4": 100 * bleu[3], "METEOR": 100 * meteor, "ROUGE-L": 100 * rouge,
+  return {"BLEU-4": 100 * bleu[3], "METEOR": 100 * meteor_score, "ROUGE-L": 100 * rouge,
           "CIDEr": 100 * cider}
 
 
