@@ -116,4 +116,5 @@ def test_truncation_keeps_eot(ours):
 
 
 def test_decode_round_trip(ours):
-  assert ours.decode(ours("Two dogs, playing in the snow!")[0]) == "two dogs , playing in the snow !"
+  text = ours.decode(ours("Two dogs, playing in the snow!")[0])
+  assert text == "two dogs , playing in the snow !"

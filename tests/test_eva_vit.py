@@ -156,3 +156,31 @@ def test_sharded_jit_matches_unsharded(devices8):
   with jax.set_mesh(mesh):
     out = jax.jit(lambda p, im: functional.merge(graphdef, p)(im))(sharded, x)
   assert rel_err(out, ref) < 1e-6
+
+
+def test_full_size_eva_vit_g_shapes():
+  """Default config = LAVIS eva_vit_g (CHECKPOINTS.md §2.1): 985,894,528 parameters there, of
+  which LAVIS stores no k bias either; abstract shapes only (nothing allocated)."""
+  _, params, axes = functional.abstract_split(lambda: VisionTransformer(rngs=nnx.Rngs(0)))
+  flat = functional.flatten(params)
+  assert functional.count(params) == 985_894_528
+  assert sum(k.endswith("norm1/scale") for k in flat) == 39
+  assert flat["blocks/0/attn/qkv_kernel"].shape == (1408, 3, 16, 88)
+  assert flat["blocks/0/mlp/fc1/kernel"].shape == (1408, 6144)
+  assert flat["pos_embed"].shape == (257, 1408)
+  assert functional.flatten(axes)["blocks/0/attn/qkv_kernel"] == ("embed", None, "heads", "kv")
+  out = nnx.eval_shape(lambda: VisionTransformer(rngs=nnx.Rngs(0))(
+      jnp.zeros((2, 224, 224, 3), jnp.float32)))
+  assert out.shape == (2, 257, 1408)
+
+
+def test_bf16_compute_close_to_float32():
+  """dtype=bfloat16 (the frozen tower's runtime precision; the original runs it in fp16):
+  bf16 activations out, within bf16 rounding of the float32 result (rel ≤ 5e-2)."""
+  kw = dict(image_size=SIZE, patch_size=PATCH, width=W, depth=DEPTH, num_heads=HEADS,
+            mlp_dim=MLP)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, SIZE, SIZE, 3)), jnp.float32)
+  ref = VisionTransformer(rngs=nnx.Rngs(5), **kw)(x)
+  out = VisionTransformer(dtype=jnp.bfloat16, rngs=nnx.Rngs(5), **kw)(x)
+  assert out.dtype == jnp.bfloat16
+  assert rel_err(out.astype(jnp.float32), ref) < 5e-2

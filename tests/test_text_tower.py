@@ -135,3 +135,12 @@ def test_sharded_jit_matches_unsharded(devices8):
   with jax.set_mesh(mesh):
     out = jax.jit(lambda p, t: functional.merge(graphdef, p)(t))(sharded, ids)
   assert rel_err(out, ref) < 1e-6
+
+
+def test_full_size_eva_clip_text_shapes():
+  """Default config = EVA-CLIP-g text (CHECKPOINTS.md §4): 123,846,913 parameters there, one of
+  them the unused logit_scale."""
+  _, params, _ = functional.abstract_split(lambda: TextTransformer(rngs=nnx.Rngs(0)))
+  assert functional.count(params) == 123_846_913 - 1
+  out = nnx.eval_shape(lambda: TextTransformer(rngs=nnx.Rngs(0))(jnp.zeros((3, 77), jnp.int32)))
+  assert out.shape == (3, 1024)

@@ -70,7 +70,10 @@ class Attention(nnx.Module):
                                  param_dtype)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x: float[B, L, C]; mask: bool broadcastable to [B, H, L, L] (True = attend) → float[B, L, C]."""
+    """x: float[B, L, C]; mask: bool, broadcastable to [B, H, L, L], True = attend.
+
+    Returns float[B, L, C].
+    """
     dtype = self.dtype or x.dtype
     qkv = jnp.einsum("blc,cshd->blshd", x.astype(dtype), self.qkv_kernel[...].astype(dtype))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -171,8 +174,9 @@ class PatchEmbed(nnx.Module):
   def __init__(self, patch_size: int, width: int, *, use_bias: bool = True, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.patch_size, self.dtype = patch_size, dtype
-    self.kernel = layers.param(rngs, layers.torch_linear_kernel(), (patch_size, patch_size, 3, width),
-                               (None, None, None, "embed"), param_dtype)
+    self.kernel = layers.param(rngs, layers.torch_linear_kernel(),
+                               (patch_size, patch_size, 3, width), (None, None, None, "embed"),
+                               param_dtype)
     self.bias = (layers.param(rngs, layers.torch_linear_bias(3 * patch_size ** 2), (width,),
                               ("embed",), param_dtype) if use_bias else None)
 

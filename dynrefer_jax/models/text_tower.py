@@ -1,7 +1,7 @@
 """The frozen text tower: EVA-CLIP / OpenCLIP `TextTransformer` (SPEC §7b, CHECKPOINTS §4).
 
-tokens → token embedding + position embedding → pre-LN causal transformer → ln_final → the hidden
-state at the end-of-text token → `@ text_projection`. The output is *not* L2-normalised
+tokens → token + position embedding → pre-LN causal transformer → ln_final → the hidden state
+at the end-of-text token → `@ text_projection`. The output is *not* L2-normalised
 (DynRefer's region–text head consumes the raw 1024-d embedding).
 
 EVA-CLIP-g's text side: vocab 49408, context 77, width 768, 12 layers, 12 heads, MLP 3072,

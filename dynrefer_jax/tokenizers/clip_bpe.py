@@ -31,7 +31,8 @@ BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 # CLIP's pre-tokenizer: specials, English contractions, letter runs, single digits, other runs.
 _PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"""
+    r"""|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
 
 try:
