@@ -75,7 +75,7 @@ def test_evaluator_end_to_end_with_padding_and_crowd_gt(tmp_path):
   # class id 1 then has one box, found -> AP 1. Accuracy still counts it (crowd included).
   path = tmp_path / "instances.json"
   path.write_text(json.dumps(_gt(iscrowd=(0, 0, 1, 0))))
-  out = dict(recognition.RecognitionEvaluator(predict_fn, batches, category_ids=CATEGORY_IDS,
-                                              coco_gt=str(path)).run(None))
+  # Category ids default to the file's category order ([1, 3]).
+  out = dict(recognition.RecognitionEvaluator(predict_fn, batches, coco_gt=str(path)).run(None))
   assert out["accuracy"] == pytest.approx(75.0)
   assert out["mAP"] == pytest.approx(100.0, abs=1e-6)

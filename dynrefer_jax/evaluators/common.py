@@ -116,7 +116,10 @@ class Evaluator:
     """Runs the model over this process's batches; returns its rows (padding dropped)."""
     rows = []
     for batch in self._batches():
-      keep = np.asarray(batch["mask"], bool).reshape(-1)
+      if "mask" in batch:
+        keep = np.asarray(batch["mask"], bool).reshape(-1)
+      else:  # an unpadded batch
+        keep = np.ones(len(batch["image_id"]), bool)
       preds = self.predict_fn(params, batch)
       rows.extend(self.rows(batch, preds, keep))
     return rows
@@ -199,30 +202,9 @@ def meteor_scores(pairs: list[tuple[str, list[str]]]) -> list[float]:
 
 
 def _close_meteor(scorer) -> None:
-  # pycocoevalcap 1.2's Meteor has no close(); stop the JVM now rather than at GC time.
-  proc = scorer.meteor_p
-  if proc.poll() is None:
-    proc.stdin.close()
-    proc.kill()
-    proc.wait()
-  scorer.meteor_p = _Stopped()
+  """Stops a pycocoevalcap Meteor's JVM now rather than whenever it is garbage-collected.
 
-
-class _Stopped:
-  """Stand-in for the stopped subprocess so that Meteor.__del__ finds nothing to do."""
-
-  class _Pipe:
-
-    def close(self):
-      pass
-
-  stdin = _Pipe()
-
-  def kill(self):
-    pass
-
-  def wait(self):
-    pass
-
-  def poll(self):
-    return 0
+  pycocoevalcap 1.2's Meteor has no close(); its __del__ closes stdin, kills and reaps the
+  process, and is harmless when the garbage collector runs it a second time.
+  """
+  scorer.__del__()

@@ -108,7 +108,8 @@ class RecognitionEvaluator(common.Evaluator):
 
   Reads batch "image_id", "region_id" (the annotation id), "box", "category" and preds
   "class_scores". Config:
-    category_ids: COCO ids by class index (default 1..C).
+    category_ids: COCO ids by class index (default: the order of coco_gt's "categories", as
+      the original; 1..C without coco_gt).
     coco_gt: optional instances file path or dict; detections take their boxes from it by
       annotation id (COCO's mask areas and crowd flags then apply). Without it the ground truth
       is built from the batches (box areas, no crowd).
@@ -122,13 +123,17 @@ class RecognitionEvaluator(common.Evaluator):
   def metrics(self, rows):
     image_ids, ann_ids, boxes, category, scores = (list(c) for c in zip(*rows))
     scores = np.stack([np.asarray(s, np.float64) for s in scores])
-    category_ids = self.cfg.get("category_ids") or list(range(1, scores.shape[1] + 1))
-    if len(category_ids) != scores.shape[1]:
-      raise ValueError(f"{len(category_ids)} category ids for {scores.shape[1]} class scores")
     gt = self.cfg.get("coco_gt")
     if isinstance(gt, str):
       with open(gt) as f:
         gt = json.load(f)
+    category_ids = self.cfg.get("category_ids")
+    if category_ids is None:
+      # The original maps class index i to the i-th category of the instances file.
+      category_ids = ([c["id"] for c in gt["categories"]] if gt is not None
+                      else list(range(1, scores.shape[1] + 1)))
+    if len(category_ids) != scores.shape[1]:
+      raise ValueError(f"{len(category_ids)} category ids for {scores.shape[1]} class scores")
     if gt is None:
       gt = coco_gt_from_boxes(image_ids, ann_ids, np.stack(boxes), category, category_ids)
     out = {"accuracy": top1_accuracy(scores, np.asarray(category))}
