@@ -22,7 +22,7 @@ from dynrefer_jax.models.qformer import QFormer
 D, HEADS, LAYERS, MLP, ENC, Q, L, B = 32, 4, 2, 48, 24, 5, 7, 2
 
 
-def _torch_model(seed=0):
+def _torch_model(seed=0, std=0.3):
   torch.manual_seed(seed)
   cfg = Blip2QFormerConfig(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                            intermediate_size=MLP, encoder_hidden_size=ENC,
@@ -31,7 +31,7 @@ def _torch_model(seed=0):
   with torch.no_grad():  # bigger than BERT init so every weight visibly matters
     for name, p in model.named_parameters():
       is_ln_scale = name.endswith("LayerNorm.weight") or name == "layernorm.weight"
-      p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.2) + float(is_ln_scale))
+      p.copy_(torch.randn_like(p) * (std if p.ndim > 1 else 0.2) + float(is_ln_scale))
   return model
 
 
@@ -143,7 +143,9 @@ def test_bert_init_and_full_size_parameter_count():
 
 
 def test_sharded_jit_equals_unsharded(devices8):
-  tm = _torch_model()
+  # Sharding a contraction reorders float32 sums (~1e-7 relative per matmul); std 0.1 keeps
+  # the layers from amplifying that past the 1e-6 budget while any layout error stays O(1).
+  tm = _torch_model(std=0.1)
   graphdef, params, axes = _ours(tm)
   mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices8)
 
@@ -159,4 +161,5 @@ def test_sharded_jit_equals_unsharded(devices8):
   assert sum(not l.sharding.is_fully_replicated for l in jax.tree.leaves(sharded)) > 10
   queries, enc, mask = (jnp.asarray(a) for a in _data())
   fn = jax.jit(lambda p, q, e, m: functional.merge(graphdef, p)(q, e, m))
-  assert _rel(fn(sharded, queries, enc, mask), fn(params, queries, enc, mask)) < 1e-6
+  err = _rel(fn(sharded, queries, enc, mask), fn(params, queries, enc, mask))
+  assert err < 1e-6
