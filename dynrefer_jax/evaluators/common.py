@@ -125,7 +125,10 @@ class Evaluator:
     return rows
 
   def run(self, params) -> Iterator[tuple[str, float]]:
-    """Yields `(metric name, value)` on process 0; nothing on the other processes."""
+    """Yields `(metric name, value)` on process 0; nothing on the other processes.
+
+    Iterate it on every process: the work, gather included (a collective), runs lazily.
+    """
     rows = [r for part in gather_objects(self.collect(params)) for r in part]
     if _process_index() != 0:
       return
