@@ -20,13 +20,18 @@ from dynrefer_jax.convert.common import Rule, convert
 _ATTN = {"SelfAttention": "self_attn", "EncDecAttention": "cross_attn"}
 
 
-def rules(src: str = "", dst: str = "") -> list[Rule]:
+def rules(src: str = "", dst: str = "", *, tied: bool = False) -> list[Rule]:
+  """tied: the target has no lm_head (tie_word_embeddings); `lm_head.weight`, which
+  transformers v5 always saves as an alias of `shared.weight`, is then dropped."""
   s, d = re.escape(src), dst
   blk = rf"{s}(encoder|decoder)\.block\.(\d+)\.layer"
   out = [
       Rule(rf"{s}shared\.weight", f"{d}shared"),
       Rule(rf"{s}(?:encoder|decoder)\.embed_tokens\.weight", None),
-      Rule(rf"{s}lm_head\.weight", f"{d}lm_head/kernel", "linear"),
+      # Stale key old checkpoints carry and transformers ignores on load.
+      Rule(rf"{s}decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias"
+           r"\.weight", None),
+      Rule(rf"{s}lm_head\.weight", None if tied else f"{d}lm_head/kernel", "linear"),
       Rule(rf"{s}(encoder|decoder)\.final_layer_norm\.weight", d + "{0}/final_norm/scale"),
       Rule(rf"{s}(encoder|decoder)\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias"
            r"\.weight", d + "{0}/relative_attention_bias"),
@@ -59,5 +64,9 @@ def dynrefer_rules(dst: str = "") -> list[Rule]:
 
 def convert_t5(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]] | None,
                *, source_name: str = "T5 checkpoint") -> dict[str, np.ndarray]:
-  """HF T5 state dict -> {our '/'-joined path: array}; fails listing every problem."""
-  return convert(state, rules(), expected, source_name=source_name)
+  """HF T5 state dict -> {our '/'-joined path: array}; fails listing every problem.
+
+  Whether the target is tied is read from `expected` (no `lm_head/kernel`); without `expected`
+  the lm_head is converted."""
+  tied = expected is not None and "lm_head/kernel" not in expected
+  return convert(state, rules(tied=tied), expected, source_name=source_name)
