@@ -15,6 +15,7 @@ def full_model() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       dtype="bfloat16",
       num_views=3,
+      fixed_ts=(),            # non-empty: always these t (ablations), else t=0 + random / pHash
       ln_vision_eps=1e-5,
       num_query_tokens=32,
       vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,

@@ -47,6 +47,9 @@ def get_config(arg=None):
       raise ValueError(f"unknown ablation variant {variant!r}: t0, t1, random2 or phash3")
     c.ablation = variant
     c.model.num_views = {"t0": 1, "t1": 1, "random2": 2, "phash3": 3}[variant]
+    c.model.fixed_ts = {"t0": (0.0,), "t1": (1.0,)}.get(variant, ())
+    c.eval.view_selection = {"t0": "fixed", "t1": "fixed", "random2": "phash",
+                             "phash3": "phash"}[variant]
   elif arg:
     raise ValueError(f"unknown argument {arg!r}: '', 'smoke' or 'ablation:<variant>'")
   return c

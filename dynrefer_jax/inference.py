@@ -1,0 +1,82 @@
+"""Inference: view selection → heads → control words from predicted tags → beam-search caption.
+
+Two jitted stages with a short host step between them, as the original: the predicted tags
+(σ > tag_threshold) become the control string "w1,w2|" — sorted here, so outputs are
+deterministic (the original's set order is not; SPEC §7c).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynrefer_jax import functional
+from dynrefer_jax.views import select as views
+
+
+class Predictor:
+  """predict(params, batch) → {"caption", "caption_score", "tag_scores", "attribute_scores",
+  "class_scores", "ts", "tags"} as numpy / lists, one row per batch row."""
+
+  def __init__(self, graphdef, config, data, *, view_selection: str | None = None,
+               fixed_ts=None):
+    self.config = config
+    self.data = data
+    m = config.model
+    self.tag_names = np.asarray(data.tag_names)
+    self.tag_threshold = float(m.tag_threshold)
+    method = view_selection or config.get("eval", {}).get("view_selection", "phash")
+    fixed = tuple(fixed_ts or m.get("fixed_ts", ()) or ())
+    if fixed:
+      method = "fixed"
+    num_views = m.num_views
+    t2a = jnp.asarray(data.template_to_attribute)
+    gen = dict(m.generate)
+    tok = data.tokenizer
+    gen.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               decoder_start_token_id=tok.pad_token_id)
+
+    def select(batch):
+      if method == "fixed":
+        return jnp.broadcast_to(jnp.asarray(fixed, jnp.float32), (batch["box"].shape[0], len(fixed)))
+      return views.select_ts(method, batch["image"], batch["image_hw"], batch["box"],
+                             num_views=num_views)
+
+    def heads(params, batch):
+      ts = select(batch)
+      out = functional.merge(graphdef, params).predict_heads(batch, ts, t2a)
+      out["ts"] = ts
+      return out
+
+    def caption(params, z, control_ids, control_mask):
+      return functional.merge(graphdef, params).caption(z, control_ids, control_mask, **gen)
+
+    self._heads = jax.jit(heads)
+    self._caption = jax.jit(caption)
+
+  def control_strings(self, tag_scores: np.ndarray) -> list[str]:
+    out = []
+    for row in tag_scores:
+      words = sorted(set(self.tag_names[row > self.tag_threshold].tolist()))
+      out.append(",".join(words) + "|")
+    return out
+
+  def __call__(self, params, batch: dict) -> dict:
+    keys = ("image", "image_hw", "box")
+    heads = self._heads(params, {k: batch[k] for k in keys})
+    tag_scores = np.asarray(heads["tag_scores"])
+    controls = self.control_strings(tag_scores)
+    d = self.config.data
+    enc = self.data.tokenizer(controls, max_length=d.control_len, truncation=True,
+                              padding="max_length")
+    ids, scores = self._caption(params, heads["z"], jnp.asarray(enc["input_ids"], jnp.int32),
+                                jnp.asarray(enc["attention_mask"], bool))
+    captions = self.data.tokenizer.batch_decode(np.asarray(ids), skip_special_tokens=True)
+    return {"caption": [c.strip() for c in captions],
+            "caption_score": np.exp(np.asarray(scores, np.float64)),
+            "tag_scores": tag_scores,
+            "tags": [c[:-1].split(",") if c != "|" else [] for c in controls],
+            "attribute_scores": np.asarray(heads["attribute_scores"]),
+            "class_scores": np.asarray(heads["class_scores"]),
+            "ts": np.asarray(heads["ts"])}

@@ -1,0 +1,244 @@
+"""DynRefer: the composition of all stages (SPEC §0, §12).
+
+    views (t=0 first) → ViT per view → ln_vision → RoI-Align → align context views to t=0
+    → [CLS; tokens] per view → concat views on channels → fusion MLP → Q-Former (32 queries) → Z
+    Z → tag decoder (ASL) | region–text decoder (SigLIP) | t5_proj + control words → T5 (LM loss)
+
+Submodule names follow the original so that its trainable-name rule applies unchanged
+(docs/ARCHITECTURE.md). Text-embedding tables (`clip_embeds` for tags, `att_embeds` for attribute
+templates, `ov_embeds` for class prompts) are `Table`s computed from the text tower; with
+`config.recompute_text_tables` they are recomputed from their token ids inside every step instead
+(for a trainable text tower, as in the synthetic world).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dynrefer_jax import losses, sharding
+from dynrefer_jax.views import select as views
+from dynrefer_jax.models import aligner as aligner_lib
+from dynrefer_jax.models import control_words, eva_vit, fusion, heads, layers, qformer, roi_align
+from dynrefer_jax.models import t5 as t5_lib
+from dynrefer_jax.models import text_tower
+
+
+def _dtype(name: str | None):
+  return None if name in (None, "", "none") else jnp.dtype(name)
+
+
+class DynRefer(nnx.Module):
+  """The whole model. `config` is `config.model` of a configs/*.py file.
+
+  text_token_ids: {"tags": int[K, L], "attributes": int[T, L], "classes": int[C, L]} — the
+  tokenised tag strings, attribute templates and class prompts whose text-tower embeddings the
+  heads score against.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, text_token_ids: dict, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    dtype = _dtype(c.get("dtype"))
+    vit = dict(c.vit)
+    width = vit["width"]
+    self.visual_encoder = eva_vit.VisionTransformer(**vit, dtype=dtype, rngs=rngs)
+    self.ln_vision = layers.LayerNorm(width, eps=c.ln_vision_eps, rngs=rngs)
+    if c.num_views > 1:
+      self.cvem_align = aligner_lib.build_aligner(c.aligner.kind, channels=width,
+                                                  **{k: v for k, v in c.aligner.items()
+                                                     if k != "kind"}, rngs=rngs)
+    self.cvem_mlp = fusion.FusionMLP(width, c.num_views, rngs=rngs, dtype=dtype)
+    q = c.qformer
+    self.query_tokens = layers.param(rngs, layers.normal(0.02), (c.num_query_tokens, q.hidden),
+                                     ("query", "embed"))
+    self.Qformer = qformer.QFormer(**q, encoder_width=width, dtype=dtype, rngs=rngs)  # pylint: disable=invalid-name
+
+    h = c.head
+    text_dim = c.text.output_dim
+    head_kw = dict(hidden=h.hidden, num_layers=h.num_layers, num_heads=h.num_heads,
+                   mlp_dim=h.mlp_dim, dropout=h.dropout, dtype=dtype, rngs=rngs)
+    dense = lambda i, o, axes=("embed", "mlp"): layers.Dense(i, o, rngs=rngs, axes=axes, dtype=dtype)
+    self.tag_vision_proj = dense(q.hidden, h.hidden)
+    self.tag_text_proj = dense(text_dim, h.hidden)
+    self.tag_head = heads.CrossAttentionDecoder(**head_kw)
+    self.tag_fc = dense(h.hidden, 1, ("embed", None))
+    self.attr_vision_proj = dense(q.hidden, h.hidden)
+    self.attr_text_proj = dense(text_dim, h.hidden)
+    self.attr_head = heads.CrossAttentionDecoder(**head_kw)
+    self.attr_fc = dense(h.hidden, 1, ("embed", None))
+    self.attr_t = nnx.Param(jnp.asarray(jnp.log(10.0), jnp.float32), out_sharding=())
+    self.attr_b = nnx.Param(jnp.asarray(-10.0, jnp.float32), out_sharding=())
+
+    self.text_encoder = text_tower.TextTransformer(**c.text, dtype=dtype, rngs=rngs)
+    lm = c.lm
+    self.t5_model = t5_lib.T5(**lm, dtype=dtype, rngs=rngs)
+    self.t5_proj = dense(q.hidden, lm.d_model)
+    self.cem_memory = nnx.Param(jnp.zeros((lm.d_model,), jnp.float32), out_sharding=("embed",))
+
+    ids = {k: jnp.asarray(v, jnp.int32) for k, v in text_token_ids.items()}
+    self.tag_token_ids = layers.Table(ids["tags"])
+    self.att_token_ids = layers.Table(ids["attributes"])
+    self.ov_token_ids = layers.Table(ids["classes"])
+    self.clip_embeds = layers.Table(self.text_encoder(ids["tags"]))
+    self.att_embeds = layers.Table(self.text_encoder(ids["attributes"]))
+    self.ov_embeds = layers.Table(self.text_encoder(ids["classes"]))
+
+  # --- tables -------------------------------------------------------------------------------
+
+  def text_tables(self) -> dict[str, jax.Array]:
+    """float[K|T|C, text_dim] embeddings of the tag strings, attribute templates, class prompts."""
+    if self.config.recompute_text_tables:
+      return {"tags": self.text_encoder(self.tag_token_ids[...]),
+              "attributes": self.text_encoder(self.att_token_ids[...]),
+              "classes": self.text_encoder(self.ov_token_ids[...])}
+    return {"tags": self.clip_embeds[...], "attributes": self.att_embeds[...],
+            "classes": self.ov_embeds[...]}
+
+  def refresh_tables(self) -> None:
+    """Recomputes the stored tables from the current text tower (after loading weights)."""
+    self.clip_embeds[...] = self.text_encoder(self.tag_token_ids[...])
+    self.att_embeds[...] = self.text_encoder(self.att_token_ids[...])
+    self.ov_embeds[...] = self.text_encoder(self.ov_token_ids[...])
+
+  # --- the vision side ----------------------------------------------------------------------
+
+  def encode_views(self, pixels: jax.Array, boxes: jax.Array, *, train: bool = False,
+                   rngs: nnx.Rngs | None = None) -> jax.Array:
+    """pixels float[B, V, S, S, 3] (normalised; t=0 first), boxes float[B, V, 4] (referent in
+    each view's pixels) → the Q-Former's region tokens Z float[B, Q, D]."""
+    c = self.config
+    b, v, s = pixels.shape[:3]
+    frozen_vit = not c.train_vision_encoder
+    x = pixels.reshape((b * v,) + pixels.shape[2:])             # region-major: region·V + view
+    x = sharding.constrain(x, ("batch", None, None, None))
+    feats = self.visual_encoder(x, train=train, rngs=rngs)      # [B·V, 1+P, C]
+    feats = self.ln_vision(feats.astype(jnp.float32)).astype(feats.dtype)
+    if frozen_vit:
+      feats = jax.lax.stop_gradient(feats)
+    cls, patches = feats[:, :1], feats[:, 1:]
+    grid = int(round(patches.shape[1] ** 0.5))
+    c_dim = feats.shape[-1]
+    fmap = patches.reshape(b * v, grid, grid, c_dim)
+    r = c.roi
+    roi = roi_align.roi_align(fmap, boxes.reshape(b * v, 4), output_size=r.output_size,
+                              spatial_scale=1.0 / c.vit.patch_size,
+                              sampling_ratio=r.sampling_ratio, aligned=r.aligned)
+    out = r.output_size
+    roi = roi.reshape(b, v, out, out, c_dim)
+    if v > 1:
+      ref = jnp.broadcast_to(roi[:, :1], (b, v - 1, out, out, c_dim))
+      ctx = roi[:, 1:]
+      aligned = self.cvem_align(ctx.reshape(b * (v - 1), out, out, c_dim),
+                                ref.reshape(b * (v - 1), out, out, c_dim))
+      roi = jnp.concatenate([roi[:, :1], aligned.reshape(b, v - 1, out, out, c_dim)], axis=1)
+    tokens = jnp.concatenate([cls.reshape(b, v, 1, c_dim),
+                              roi.reshape(b, v, out * out, c_dim).astype(cls.dtype)], axis=2)
+    tokens = tokens.transpose(0, 2, 1, 3).reshape(b, 1 + out * out, v * c_dim)  # views on channels
+    enc = self.cvem_mlp(tokens)                                   # [B, L, C]
+    enc = sharding.constrain(enc, ("batch", None, "embed"))
+    queries = jnp.broadcast_to(self.query_tokens[...][None], (b,) + self.query_tokens.shape)
+    z = self.Qformer(queries.astype(enc.dtype), enc, train=train, rngs=rngs)
+    return sharding.constrain(z, ("batch", None, "embed"))
+
+  # --- heads ----------------------------------------------------------------------------------
+
+  def tag_logits(self, z: jax.Array, tables: dict, *, train=False, rngs=None) -> jax.Array:
+    """Z float[B, Q, D] → float[B, K]."""
+    text = self.tag_text_proj(tables["tags"].astype(z.dtype))
+    return heads.pair_scores(self.tag_head, self.tag_fc, self.tag_vision_proj(z), text,
+                             normalize=False, train=train, rngs=rngs)
+
+  def region_text_scores(self, z: jax.Array, text_embeds: jax.Array, *, train=False,
+                         rngs=None) -> jax.Array:
+    """Raw cross-encoder scores float[B, T] of each region against each text embedding."""
+    return heads.pair_scores(self.attr_head, self.attr_fc, self.attr_vision_proj(z),
+                             self.attr_text_proj(text_embeds.astype(z.dtype)), normalize=True,
+                             train=train, rngs=rngs)
+
+  def lm_inputs(self, z: jax.Array, control_ids: jax.Array, control_mask: jax.Array):
+    """Projected queries + control-word embeddings (plus cem_memory) → T5 encoder inputs."""
+    projected = self.t5_proj(z)
+    control = self.t5_model.embed(control_ids).astype(projected.dtype)
+    return control_words.build_encoder_inputs(projected, control, control_mask.astype(bool),
+                                              self.cem_memory[...].astype(projected.dtype))
+
+  # --- training -------------------------------------------------------------------------------
+
+  def __call__(self, batch: dict, rng: jax.Array, *, train: bool = True):
+    """One training forward. Returns (total loss, aux with each head's loss).
+
+    batch: the docs/ARCHITECTURE.md batch; rng: the step's key (views, dropout).
+    """
+    c = self.config
+    view_rng, drop_rng = jax.random.split(rng)
+    rngs = nnx.Rngs(dropout=drop_rng) if train else None
+    b = batch["box"].shape[0]
+    ts = self.train_views(view_rng, b) if train else batch["ts"]
+    pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
+                                       c.vit.image_size)
+    z = self.encode_views(pixels.astype(c.get("dtype") or jnp.float32), vboxes, train=train,
+                          rngs=rngs)
+    mask = batch.get("mask")
+    tables = self.text_tables()
+
+    tag_logits = self.tag_logits(z, tables, train=train, rngs=rngs)
+    tag_loss = losses.asymmetric_loss(tag_logits, batch["tags"], mask=mask, **c.loss.asl)
+
+    text = self.text_encoder(batch["text_ids"])
+    if not c.train_text_encoder:
+      text = jax.lax.stop_gradient(text)
+    # SigLIP over the global batch. The original gathers across GPUs under no_grad, so in each
+    # direction only one side carries gradient (SPEC §7b); stop_gradient reproduces that.
+    sg = jax.lax.stop_gradient if c.loss.siglip_stop_gradient else (lambda x: x)
+    scale, bias = jnp.exp(self.attr_t[...]), self.attr_b[...]
+    s_t2i = self.region_text_scores(z, sg(text), train=train, rngs=rngs)      # region side trains
+    s_i2t = self.region_text_scores(sg(z), text, train=train, rngs=rngs)      # text side trains
+    rtc_loss = 0.5 * (losses.siglip_loss(s_t2i * scale + bias, mask)
+                      + losses.siglip_loss((s_i2t * scale + bias).T, mask))
+
+    enc_in, enc_mask = self.lm_inputs(z, batch["control_ids"], batch["control_mask"])
+    lm_loss, _ = self.t5_model(enc_in, enc_mask, batch["caption_ids"],
+                               batch["caption_mask"].astype(bool), train=train, rngs=rngs)
+    w = c.loss
+    total = w.lm * lm_loss + w.tag * tag_loss + w.rtc * rtc_loss
+    return total, {"loss_lm": lm_loss, "loss_tag": tag_loss, "loss_rtc": rtc_loss}
+
+  # --- inference ------------------------------------------------------------------------------
+
+  def train_views(self, rng: jax.Array, batch_size: int) -> jax.Array:
+    """float[B, V] training t values: t=0 then distinct random candidates, or fixed ts."""
+    fixed = tuple(self.config.get("fixed_ts", ()) or ())
+    if fixed:
+      return jnp.broadcast_to(jnp.asarray(fixed, jnp.float32), (batch_size, len(fixed)))
+    return views.sample_train_ts(rng, batch_size, self.config.num_views)
+
+  def predict_heads(self, batch: dict, ts: jax.Array, template_to_attribute: jax.Array) -> dict:
+    """Everything but the caption, for batch rows viewed at ts float[B, V].
+
+    Returns z float[B, Q, D] (for captioning), tag_scores float[B, K] (σ), attribute_scores
+    float[B, A] (σ, max over each attribute's templates; SPEC §7b), class_scores float[B, C]
+    (raw scores, no sigmoid, as the original's recognition).
+    """
+    c = self.config
+    pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
+                                       c.vit.image_size)
+    z = self.encode_views(pixels.astype(c.get("dtype") or jnp.float32), vboxes)
+    tables = self.text_tables()
+    tag_scores = jax.nn.sigmoid(self.tag_logits(z, tables))
+    templ = jax.nn.sigmoid(self.region_text_scores(z, tables["attributes"]))     # [B, T]
+    num_attr = int(template_to_attribute.max()) + 1 if template_to_attribute.size else 0
+    onehot = jax.nn.one_hot(template_to_attribute, num_attr, dtype=bool)          # [T, A]
+    attr = jnp.max(jnp.where(onehot[None], templ[:, :, None], -jnp.inf), axis=1)
+    classes = self.region_text_scores(z, tables["classes"])
+    return {"z": z, "tag_scores": tag_scores, "attribute_scores": attr, "class_scores": classes}
+
+  def caption(self, z: jax.Array, control_ids: jax.Array, control_mask: jax.Array,
+              **generate_kw) -> tuple[jax.Array, jax.Array]:
+    """Beam-search captions: (ids int[B, T], sequence scores float[B])."""
+    from dynrefer_jax.decode import beam_search  # pylint: disable=import-outside-toplevel
+    enc_in, enc_mask = self.lm_inputs(z, control_ids, control_mask)
+    enc = self.t5_model.encode(enc_in, enc_mask)
+    return beam_search.generate(self.t5_model, enc, enc_mask, **generate_kw)

@@ -1,0 +1,88 @@
+"""The tag decoder and the region–text decoder (SPEC §7a, §7b).
+
+Both heads are the RAM / Query2Label style BERT with self-attention removed: text queries
+cross-attend to the 32 region tokens through `num_layers` layers of
+[cross-attention → Add & LayerNorm → FFN (exact GELU) → Add & LayerNorm]. Weights follow BERT's
+init (normal(0, 0.02), zero bias). Layer names mirror the original's
+`{tag,attr}_head.encoder.layer.{i}.{crossattention,intermediate,output}`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynrefer_jax.models import layers
+
+
+class CrossAttentionLayer(nnx.Module):
+  """queries float[B, K, D] × memory float[B, M, D] → float[B, K, D]."""
+
+  def __init__(self, hidden: int, num_heads: int, mlp_dim: int, *, dropout: float = 0.1,
+               ln_eps: float = 1e-12, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    init = layers.normal(0.02)
+    dense = lambda i, o, axes: layers.Dense(i, o, rngs=rngs, axes=axes, kernel_init=init,
+                                            bias_init=layers.zeros, dtype=dtype,
+                                            param_dtype=param_dtype)
+    self.query = dense(hidden, hidden, ("embed", "heads"))
+    self.key = dense(hidden, hidden, ("embed", "heads"))
+    self.value = dense(hidden, hidden, ("embed", "heads"))
+    self.attn_out = dense(hidden, hidden, ("heads", "embed"))
+    self.attn_ln = layers.LayerNorm(hidden, eps=ln_eps, rngs=rngs, param_dtype=param_dtype)
+    self.intermediate = dense(hidden, mlp_dim, ("embed", "mlp"))
+    self.output = dense(mlp_dim, hidden, ("mlp", "embed"))
+    self.output_ln = layers.LayerNorm(hidden, eps=ln_eps, rngs=rngs, param_dtype=param_dtype)
+    self.num_heads = num_heads
+    self.dropout = dropout
+
+  def __call__(self, x: jax.Array, memory: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    b, k, d = x.shape
+    h = self.num_heads
+    q = self.query(x).reshape(b, k, h, d // h)
+    kk = self.key(memory).reshape(b, memory.shape[1], h, d // h)
+    v = self.value(memory).reshape(b, memory.shape[1], h, d // h)
+    a = layers.dot_product_attention(q, kk, v).reshape(b, k, d)
+    a = layers.dropout(self.attn_out(a), self.dropout, rngs, not train)
+    x = self.attn_ln(x + a)
+    f = self.output(layers.gelu_exact(self.intermediate(x)))
+    f = layers.dropout(f, self.dropout, rngs, not train)
+    return self.output_ln(x + f)
+
+
+class CrossAttentionDecoder(nnx.Module):
+  """A stack of CrossAttentionLayer (the original's `tag_head` / `attr_head`)."""
+
+  def __init__(self, *, hidden: int = 256, num_layers: int = 2, num_heads: int = 4,
+               mlp_dim: int = 1024, dropout: float = 0.1, ln_eps: float = 1e-12,
+               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    self.layers = nnx.List([
+        CrossAttentionLayer(hidden, num_heads, mlp_dim, dropout=dropout, ln_eps=ln_eps,
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        for _ in range(num_layers)])
+
+  def __call__(self, queries: jax.Array, memory: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """queries float[B, K, D], memory float[B, M, D] → float[B, K, D]."""
+    x = queries
+    for layer in self.layers:
+      x = layer(x, memory, train=train, rngs=rngs)
+    return x
+
+
+def pair_scores(decoder: CrossAttentionDecoder, fc: layers.Dense, memory: jax.Array,
+                text: jax.Array, *, normalize: bool, train: bool = False,
+                rngs: nnx.Rngs | None = None) -> jax.Array:
+  """Scores every (region, text) pair with the cross-encoder.
+
+  memory: float[R, M, D] projected region tokens; text: float[T, D] projected text vectors.
+  Returns float[R, T]: text query t cross-attends to region r's tokens; the output is
+  L2-normalised when `normalize` (region–text head) and mapped to a scalar by `fc`.
+  """
+  queries = jnp.broadcast_to(text[None], (memory.shape[0],) + text.shape).astype(memory.dtype)
+  out = decoder(queries, memory, train=train, rngs=rngs)
+  if normalize:
+    out32 = out.astype(jnp.float32)
+    out = (out32 / jnp.maximum(jnp.linalg.norm(out32, axis=-1, keepdims=True), 1e-12)).astype(out.dtype)
+  return fc(out)[..., 0].astype(jnp.float32)
