@@ -139,6 +139,17 @@ def test_sharded_jit_equals_unsharded(devices8):
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(fn(feats, boxes)), atol=1e-6)
 
 
+def test_bfloat16_features_pool_in_float32():
+  """bf16 in → bf16 out, equal to the float32 result rounded once (weights are not rounded)."""
+  rng = np.random.default_rng(4)
+  feats = jnp.asarray(rng.normal(size=(8, 6, 7, 3)).astype(np.float32)).astype(jnp.bfloat16)
+  got = roi_align(feats, jnp.asarray(BOXES), output_size=4, spatial_scale=0.25)
+  want = roi_align(feats.astype(jnp.float32), jnp.asarray(BOXES), output_size=4,
+                   spatial_scale=0.25)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))
+
+
 def test_rejects_adaptive_sampling():
   with pytest.raises(ValueError, match="sampling_ratio"):
     roi_align(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 4)), sampling_ratio=0)

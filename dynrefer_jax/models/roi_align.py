@@ -57,7 +57,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, *, output_size: int = 16,
       than one pixel; if False (DynRefer), no shift and RoI width/height are at least 1.
 
   Returns:
-    float[N, output_size, output_size, C] in the features' dtype.
+    float[N, output_size, output_size, C] in the features' dtype (computed in float32).
   """
   if not isinstance(sampling_ratio, int) or sampling_ratio <= 0:
     raise ValueError(f"sampling_ratio must be a static int > 0, got {sampling_ratio!r} "
@@ -71,7 +71,9 @@ def roi_align(features: jax.Array, boxes: jax.Array, *, output_size: int = 16,
   rw, rh = b[:, 2] - x0, b[:, 3] - y0
   if not aligned:
     rw, rh = jnp.maximum(rw, 1.0), jnp.maximum(rh, 1.0)
-  wy = _axis_weights(y0, rh, h, output_size, sampling_ratio).astype(features.dtype)  # [N, P, H]
-  wx = _axis_weights(x0, rw, w, output_size, sampling_ratio).astype(features.dtype)  # [N, Q, W]
-  rows = jnp.einsum("nph,nhwc->npwc", wy, features)
-  return jnp.einsum("nqw,npwc->npqc", wx, rows)
+  # Weights stay float32 and the contraction runs in float32 whatever the feature dtype, as
+  # torchvision's roi_align does under autocast (it is on autocast's fp32 list).
+  wy = _axis_weights(y0, rh, h, output_size, sampling_ratio)           # [N, P, H]
+  wx = _axis_weights(x0, rw, w, output_size, sampling_ratio)           # [N, Q, W]
+  rows = jnp.einsum("nph,nhwc->npwc", wy, features.astype(jnp.float32))
+  return jnp.einsum("nqw,npwc->npqc", wx, rows).astype(features.dtype)
