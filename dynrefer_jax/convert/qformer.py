@@ -11,8 +11,9 @@ Sources (CHECKPOINTS.md §1.3, §2.2, §5):
 Targets (what `expected` is keyed by, and what is returned):
 - Q-Former parameters relative to the `models.qformer.QFormer` module (`layernorm/scale`,
   `layers/3/crossattention/key/kernel`, ...); the caller prefixes `Qformer/`.
-- `query_tokens`: float[1, Q, D], kept in the original's layout (the composition's parameter
-  is expected to be [1, Q, D] too). Converted only when `expected` asks for it.
+- `query_tokens`: float[Q, D], the leading singleton of the original's [1, Q, D] dropped (the
+  composition `models.dynrefer` stores `query_tokens` as [Q, D]). Converted only when
+  `expected` asks for it.
 - `ln_vision/scale`, `ln_vision/bias`: float[C]. Converted when `expected` asks for them and the
   source has them; if the source lacks them (unverified for the BLIP-2 file) they are dropped
   from `expected` — LAVIS would then keep LayerNorm's ones/zeros — and absent from the result.
@@ -63,13 +64,13 @@ def _qformer_rules(prefix: str, attn_inner: str, embed_ln: str) -> list[Rule]:
 
 LAVIS_RULES = _qformer_rules(r"Qformer\.bert\.", "self", r"Qformer\.bert\.embeddings\.LayerNorm") + [
     Rule(r"Qformer\.cls\..*", None),
-    Rule(r"query_tokens", "query_tokens"),
+    Rule(r"query_tokens", "query_tokens", "squeeze0"),
     Rule(r"ln_vision\.weight", "ln_vision/scale"),
     Rule(r"ln_vision\.bias", "ln_vision/bias"),
 ]
 
 HF_RULES = _qformer_rules(r"(?:qformer\.)?", "attention", r"(?:qformer\.)?layernorm") + [
-    Rule(r"query_tokens", "query_tokens"),
+    Rule(r"query_tokens", "query_tokens", "squeeze0"),
     Rule(r"vision_model\.post_layernorm\.weight", "ln_vision/scale"),
     Rule(r"vision_model\.post_layernorm\.bias", "ln_vision/bias"),
 ]
