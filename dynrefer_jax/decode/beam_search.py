@@ -41,8 +41,8 @@ _BIG = -1.0e9  # HF's "impossible" offset; kept identical so ties/rounding behav
 
 def _penalize(scores: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
   """HF RepetitionPenaltyLogitsProcessor on float[N, V] given bool[N, V] occurrence masks."""
-  if penalty == 1.0:
-    return scores
+  if isinstance(penalty, (int, float)) and penalty == 1.0:
+    return scores  # static no-op: skip the [N, V] select
   return jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
@@ -64,11 +64,13 @@ def generate(model, encoder_states: jax.Array, encoder_mask: jax.Array, *, num_b
              decoder_start_token_id: int | None = 0) -> tuple[jax.Array, jax.Array]:
   """encoder_states: float[B, L, d]; encoder_mask: bool[B, L] -> (int32[B, T], float32[B]).
 
-  All settings are static (Python values); call inside jax.jit with them closed over.
+  num_beams, max_new_tokens, early_stopping and the token ids are static (Python values);
+  min_length, repetition_penalty and length_penalty may also be traced scalars, so one compiled
+  function serves every value of them.
   """
   settings = dict(max_new_tokens=max_new_tokens, min_length=min_length,
-                  repetition_penalty=float(repetition_penalty),
-                  length_penalty=float(length_penalty), eos=eos_token_id, pad=pad_token_id,
+                  repetition_penalty=repetition_penalty,
+                  length_penalty=length_penalty, eos=eos_token_id, pad=pad_token_id,
                   start=decoder_start_token_id)
   if num_beams == 1:
     return _greedy(model, encoder_states, encoder_mask, **settings)
@@ -174,10 +176,9 @@ def _beam(model, enc, enc_mask, *, num_beams, early_stopping, max_new_tokens, mi
     cache = dict(c["cache"], state=jax.tree.map(lambda x: x[rows], c["cache"]["state"]))
 
     # HF's early-stop heuristic, evaluated with the incremented length.
-    if early_stopping == "never" and length_penalty > 0.0:
-      best_len = jnp.float32(max_length - prompt_len)
-    else:
-      best_len = (cur_len + 1 - prompt_len).astype(jnp.float32)
+    best_len = (cur_len + 1 - prompt_len).astype(jnp.float32)
+    if early_stopping == "never":
+      best_len = jnp.where(length_penalty > 0.0, jnp.float32(max_length - prompt_len), best_len)
     best_running = run_scores[:, :1] / best_len ** length_penalty
     worst = jnp.where(finished, jnp.min(scores, 1, keepdims=True), _BIG)
     unsatisfied = c["unsatisfied"] & jnp.any(best_running > worst, -1, keepdims=True)
