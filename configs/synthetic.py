@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = 50
   c.optim.warmup_lr = 0.0
   c.optim.grad_clip_norm = 1.0
-  c.train = dict(batch_size=32, steps=1500, log_every=25, checkpoint_every=500,
+  c.train = dict(batch_size=32, steps=400, log_every=25, checkpoint_every=500,
                  keep_checkpoints=2, async_checkpoint=True)
   c.eval = dict(batch_size=64, view_selection="phash", splits=["test", "heldout"])
 

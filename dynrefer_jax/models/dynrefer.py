@@ -21,7 +21,7 @@ from flax import nnx
 from dynrefer_jax import losses, sharding
 from dynrefer_jax.views import select as views
 from dynrefer_jax.models import aligner as aligner_lib
-from dynrefer_jax.models import control_words, eva_vit, fusion, heads, layers, qformer, roi_align
+from dynrefer_jax.models import eva_vit, fusion, heads, layers, qformer, roi_align
 from dynrefer_jax.models import t5 as t5_lib
 from dynrefer_jax.models import text_tower
 
@@ -160,10 +160,11 @@ class DynRefer(nnx.Module):
 
   def lm_inputs(self, z: jax.Array, control_ids: jax.Array, control_mask: jax.Array):
     """Projected queries + control-word embeddings (plus cem_memory) → T5 encoder inputs."""
-    projected = self.t5_proj(z)
-    control = self.t5_model.embed(control_ids).astype(projected.dtype)
-    return control_words.build_encoder_inputs(projected, control, control_mask.astype(bool),
-                                              self.cem_memory[...].astype(projected.dtype))
+    projected = self.t5_proj(z)                                       # [B, Q, d]
+    control = self.t5_model.embed(control_ids).astype(projected.dtype)  # [B, Lc, d]
+    control = control + self.cem_memory[...].astype(projected.dtype)    # SPEC §7c
+    mask = jnp.concatenate([jnp.ones(projected.shape[:2], bool), control_mask.astype(bool)], 1)
+    return jnp.concatenate([projected, control], axis=1), mask
 
   # --- training -------------------------------------------------------------------------------
 

@@ -1,0 +1,31 @@
+"""The trainer end to end at toy size: metrics.jsonl, TensorBoard, Orbax, and learning."""
+
+import glob
+import json
+import os
+
+from dynrefer_jax import config_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_config_trains_and_the_loss_falls(tmp_path):
+  steps = 30
+  config = config_lib.load(os.path.join(ROOT, "configs/synthetic.py:smoke"),
+                           [f"train.steps={steps}", "train.checkpoint_every=30",
+                            "optim.lr=0.003", "train.log_every=1"])
+  summary = train.train(config, str(tmp_path), progress=False)
+  assert summary["steps"] == steps
+
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))
+  for key in ("loss", "loss_lm", "loss_tag", "loss_rtc", "grad_norm", "lr"):
+    assert all(r[key] is not None for r in rows), key
+  # Stated margin: on this fixed seed the loss after 30 steps is at least 25% below step 1's,
+  # and each head's loss falls too.
+  first, last = rows[0], rows[-1]
+  assert last["loss"] < 0.75 * first["loss"], (first["loss"], last["loss"])
+  for key in ("loss_lm", "loss_tag", "loss_rtc"):
+    assert last[key] < first[key], (key, first[key], last[key])
+  assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  assert os.path.isdir(tmp_path / "checkpoints" / str(steps))
