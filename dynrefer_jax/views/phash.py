@@ -86,6 +86,36 @@ def bilinear_taps(lo: jax.Array, hi: jax.Array, out_size: int) -> tuple[jax.Arra
   return src, frac
 
 
+def _taps_below(v: jax.Array, size: jax.Array, out_size: int) -> jax.Array:
+  """#{d : src_d < v} for OpenCV's bilinear taps of a `size`-pixel crop, in exact integers.
+
+  src_d < v (1 <= v <= size − 1) ⟺ (d + ½)·size/out − ½ < v ⟺ (2d + 1)·size < (2v + 1)·out.
+  The float32 `floor` in `bilinear_taps` agrees: (2d + 1)·size − (2v + 1)·out is an integer, so
+  fx_d is either exactly v or at least 1/(2·out) away from it, far beyond float32 error.
+  """
+  q = (2 * v + 1) * out_size
+  m = (q - 1) // size  # the largest odd 2d + 1 with (2d + 1)·size < q is m or m − 1
+  count = jnp.clip((m + 1) // 2, 0, out_size)
+  return jnp.where(v <= 0, 0, jnp.where(v >= size, out_size, count))
+
+
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+  """float[k, n] → float[k, n + 1], [0, x0, x0 + x1, …], as two small triangular matmuls.
+
+  jnp.cumsum lowers to an O(n²) reduce_window on CPU and associative_scan to many slices; a
+  blocked matmul (n = a·b, blocks of b) is O(n·(a + b)) and runs on the matmul units.
+  """
+  k, n = x.shape
+  b = max(d for d in range(1, 33) if n % d == 0)
+  a = n // b
+  within = jnp.einsum("kai,ij->kaj", x.reshape(k, a, b), jnp.triu(jnp.ones((b, b), x.dtype)),
+                      precision=_HIGHEST)
+  offsets = jnp.einsum("ki,ij->kj", within[:, :, -1], jnp.triu(jnp.ones((a, a), x.dtype), 1),
+                       precision=_HIGHEST)
+  inclusive = (within + offsets[:, :, None]).reshape(k, n)
+  return jnp.concatenate([jnp.zeros((k, 1), x.dtype), inclusive], axis=1)
+
+
 def bilinear_dct_projection(lo: jax.Array, hi: jax.Array, size: int, basis: jax.Array) -> jax.Array:
   """A = basis · R: the low DCT rows of the bilinear resize of crop [lo, hi), over the padded axis.
 
@@ -97,17 +127,17 @@ def bilinear_dct_projection(lo: jax.Array, hi: jax.Array, size: int, basis: jax.
     float32[k, S], zero outside the crop.
   """
   k, out_size = basis.shape
-  src, frac = bilinear_taps(lo, hi, out_size)
-  zero = jnp.zeros((k, 1), jnp.float32)
-  prefix0 = jnp.concatenate([zero, jnp.cumsum(basis * (1.0 - frac), axis=1)], axis=1)
-  prefix1 = jnp.concatenate([zero, jnp.cumsum(basis * frac, axis=1)], axis=1)
-  v = jnp.arange(-1, size + 1, dtype=jnp.int32) - lo  # crop-local index of y − 1, y, y + 1
-  below = jnp.searchsorted(src, v, side="left", method="compare_all")  # #{d : src_d < v}
-  c_prev, c_here, c_next = below[:-2], below[1:-1], below[2:]  # at y−1, y, y+1
-  # Outputs whose first tap is y: d in [c(y), c(y+1)); whose second tap is y: [c(y−1), c(y)).
-  first = jnp.take(prefix0, c_next, axis=1) - jnp.take(prefix0, c_here, axis=1)
-  second = jnp.take(prefix1, c_here, axis=1) - jnp.take(prefix1, c_prev, axis=1)
-  return first + second
+  _, frac = bilinear_taps(lo, hi, out_size)
+  prefix1 = _exclusive_cumsum(basis * frac)
+  prefix0 = _exclusive_cumsum(basis) - prefix1  # prefix sums of basis · (1 − frac)
+  # Outputs whose first tap is pixel y are d in [c(y), c(y+1)); whose second tap is y (first
+  # tap y − 1) are d in [c(y−1), c(y)), with c(v) = #{d : src_d < v} in crop coordinates.
+  v = jnp.arange(-1, size + 1, dtype=jnp.int32) - lo  # y − 1 − lo for y = 0 … S
+  below = _taps_below(v, jnp.maximum(hi - lo, 1), out_size)  # c at y − 1, y, y + 1 by shifting
+  # Gather whole rows of k values (faster than k separate element gathers).
+  g0 = jnp.take(prefix0.T, below, axis=0)  # [S + 2, k]
+  g1 = jnp.take(prefix1.T, below, axis=0)
+  return ((g0[2:] - g0[1:-1]) + (g1[1:-1] - g1[:-2])).T
 
 
 def _bits(coef: jax.Array, threshold: jax.Array) -> jax.Array:
