@@ -305,25 +305,24 @@ class T5(nnx.Module):
     bias = self.decoder.position_bias(pos[None], keys)  # [1, H, 1, Lmax]
     self_mask = (keys <= pos)[None, None, None, :]
     enc_mask = cache["static"]["mask"][:, None, None, :]
-    new_k, new_v = [], []
+    k_all, v_all = cache["state"]["k"], cache["state"]["v"]
     for i, b in enumerate(self.decoder.layers):
       a = b.self_attn
       h = b.self_norm(x)
-      k_cache = jax.lax.dynamic_update_slice_in_dim(cache["state"]["k"][:, i],
-                                                    a.heads(a.k, h).astype(x.dtype), pos, 1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(cache["state"]["v"][:, i],
-                                                    a.heads(a.v, h).astype(x.dtype), pos, 1)
-      new_k.append(k_cache)
-      new_v.append(v_cache)
-      o = _attend(a.heads(a.q, h), k_cache, v_cache, bias=bias, mask=self_mask,
+      # Write this position's K/V into the preallocated cache in place (no per-step restack).
+      k_all = jax.lax.dynamic_update_slice(
+          k_all, a.heads(a.k, h)[:, None].astype(k_all.dtype), (0, i, pos, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(
+          v_all, a.heads(a.v, h)[:, None].astype(v_all.dtype), (0, i, pos, 0, 0))
+      o = _attend(a.heads(a.q, h), k_all[:, i], v_all[:, i], bias=bias, mask=self_mask,
                   dropout_rate=0.0, train=False, rngs=None)
       x = x + a.out(o)
       c = b.cross_attn
       h = b.cross_norm(x)
-      o = _attend(c.heads(c.q, h), cache["static"]["k"][:, i], cache["static"]["v"][:, i], bias=None,
-                  mask=enc_mask, dropout_rate=0.0, train=False, rngs=None)
+      o = _attend(c.heads(c.q, h), cache["static"]["k"][:, i], cache["static"]["v"][:, i],
+                  bias=None, mask=enc_mask, dropout_rate=0.0, train=False, rngs=None)
       x = x + c.out(o)
       x = x + b.ffn(b.ffn_norm(x), dropout_rate=0.0, train=False, rngs=None)
     logits = self.logits(self.decoder.final_norm(x))[:, 0]
-    cache = {"state": {"k": jnp.stack(new_k, 1), "v": jnp.stack(new_v, 1)}, "static": cache["static"]}
+    cache = {"state": {"k": k_all, "v": v_all}, "static": cache["static"]}
     return logits, cache
