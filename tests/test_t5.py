@@ -77,6 +77,11 @@ def _inputs(seed=0, b=3, l=7, t=6):
   return x, mask, labels, label_mask
 
 
+def _jit(graphdef, fn):
+  """fn(model, *args) compiled once (eager JAX would compile every op separately)."""
+  return jax.jit(lambda params, *args: fn(functional.merge(graphdef, params), *args))
+
+
 def _close(ours, ref, rel):
   ours, ref = np.asarray(ours), np.asarray(ref)
   np.testing.assert_allclose(ours, ref, rtol=rel, atol=rel * np.abs(ref).max())
@@ -86,9 +91,9 @@ def _close(ours, ref, rel):
 def test_encoder_states_and_logits_match_hf(tie):
   hf = hf_t5(tie=tie)
   graphdef, params = ours_from(hf)
-  model = functional.merge(graphdef, params)
   x, mask, labels, label_mask = _inputs()
-  enc = model.encode(jnp.asarray(x), jnp.asarray(mask))
+  enc, (loss, logits) = _jit(graphdef, lambda m, *a: (m.encode(*a[:2]), m(*a)))(
+      params, jnp.asarray(x), jnp.asarray(mask), jnp.asarray(labels), jnp.asarray(label_mask))
   t_mask = torch.tensor(mask.astype(np.int64))
   with torch.no_grad():
     ref_enc = hf.encoder(inputs_embeds=torch.tensor(x), attention_mask=t_mask).last_hidden_state
@@ -96,8 +101,6 @@ def test_encoder_states_and_logits_match_hf(tie):
              labels=torch.tensor(np.where(label_mask, labels, -100)))
   # Padded encoder positions are never attended to; compare the valid ones.
   _close(np.asarray(enc)[mask], ref_enc.numpy()[mask], 1e-5)
-  loss, logits = model(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(labels),
-                       jnp.asarray(label_mask))
   _close(logits, ref.logits.numpy(), 1e-5)
   np.testing.assert_allclose(float(loss), ref.loss.item(), rtol=1e-5)
 
@@ -125,17 +128,18 @@ def test_decode_step_cache_matches_teacher_forcing():
   """The KV-cached single step reproduces HF teacher-forced logits position by position."""
   hf = hf_t5(seed=5)
   graphdef, params = ours_from(hf)
-  model = functional.merge(graphdef, params)
   x, mask, labels, _ = _inputs(seed=4)
   dec_in = np.concatenate([np.zeros((3, 1), np.int64), labels[:, :-1]], 1)
   with torch.no_grad():
     ref = hf(inputs_embeds=torch.tensor(x), attention_mask=torch.tensor(mask.astype(np.int64)),
              decoder_input_ids=torch.tensor(dec_in)).logits.numpy()
-  enc = model.encode(jnp.asarray(x), jnp.asarray(mask))
-  logits, cache = model.decode_start(enc, jnp.asarray(mask), labels.shape[1])
+  start = _jit(graphdef, lambda m, x, mask: m.decode_start(m.encode(x, mask), mask,
+                                                          labels.shape[1]))
+  step = _jit(graphdef, lambda m, *a: m.decode_step(*a))
+  logits, cache = start(params, jnp.asarray(x), jnp.asarray(mask))
   steps = [logits]
   for i in range(labels.shape[1] - 1):
-    logits, cache = model.decode_step(jnp.asarray(labels[:, i], jnp.int32), cache, jnp.int32(i))
+    logits, cache = step(params, jnp.asarray(labels[:, i], jnp.int32), cache, jnp.int32(i))
     steps.append(logits)
   _close(jnp.stack(steps, 1), ref, 1e-5)
 
@@ -155,11 +159,16 @@ def test_relative_position_bucket_matches_hf():
 def test_dropout_only_in_train_mode():
   hf = hf_t5()
   graphdef, params = ours_from(hf, dropout_rate=0.1)
-  model = functional.merge(graphdef, params)
   x, mask, labels, label_mask = [jnp.asarray(a) for a in _inputs()]
-  eval_loss, _ = model(x, mask, labels, label_mask, train=False, rngs=nnx.Rngs(dropout=1))
-  a, _ = model(x, mask, labels, label_mask, train=True, rngs=nnx.Rngs(dropout=1))
-  b, _ = model(x, mask, labels, label_mask, train=True, rngs=nnx.Rngs(dropout=2))
+
+  @jax.jit
+  def run(params, key):
+    m = functional.merge(graphdef, params)
+    return (m(x, mask, labels, label_mask, train=False, rngs=nnx.Rngs(dropout=key))[0],
+            m(x, mask, labels, label_mask, train=True, rngs=nnx.Rngs(dropout=key))[0])
+
+  eval_loss, a = run(params, jax.random.key(1))
+  _, b = run(params, jax.random.key(2))
   with torch.no_grad():
     ref = hf(inputs_embeds=torch.tensor(np.asarray(x)),
              attention_mask=torch.tensor(np.asarray(mask).astype(np.int64)),
@@ -171,11 +180,11 @@ def test_dropout_only_in_train_mode():
 def test_bf16_params_run_close_to_float32():
   hf = hf_t5()
   graphdef, params = ours_from(hf)
-  model = functional.merge(graphdef, params)
-  model16 = functional.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
   x, mask, labels, label_mask = [jnp.asarray(a) for a in _inputs()]
-  loss32, _ = model(x, mask, labels, label_mask)
-  loss16, logits16 = model16(x.astype(jnp.bfloat16), mask, labels, label_mask)
+  fwd = _jit(graphdef, lambda m, *a: m(*a))
+  loss32, _ = fwd(params, x, mask, labels, label_mask)
+  params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  loss16, logits16 = fwd(params16, x.astype(jnp.bfloat16), mask, labels, label_mask)
   assert logits16.dtype == jnp.float32
   np.testing.assert_allclose(float(loss16), float(loss32), rtol=5e-2)  # bf16: ~3 digits
 
