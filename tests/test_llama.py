@@ -140,3 +140,12 @@ def test_generate_matches_hf(toy, settings):
   np.testing.assert_array_equal(np.asarray(ids), ref)
   if settings["num_beams"] > 1:
     np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), atol=1e-4)
+
+
+def test_every_parameter_has_logical_axes():
+  model = Llama(vocab_size=V, hidden_size=D, intermediate_size=40, num_layers=1, num_heads=4,
+                num_kv_heads=2, rngs=nnx.Rngs(0))
+  _, params, axes = functional.split(model)
+  flat_p, flat_a = functional.flatten(params), functional.flatten(axes)
+  for path, value in flat_p.items():
+    assert len(flat_a[path]) == value.ndim and any(flat_a[path]), path

@@ -198,3 +198,15 @@ def test_converter_reports_missing_and_unmapped():
   with pytest.raises(ConversionError, match="lm_head/kernel") as err:
     convert_t5(state, expected_shapes(params))
   assert "decoder.block.0.layer.9.foo.weight" in str(err.value)
+
+
+def test_every_parameter_has_logical_axes():
+  model = T5(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=1,
+             num_decoder_layers=1, rngs=nnx.Rngs(0))
+  _, params, axes = functional.split(model)
+  flat_p, flat_a = functional.flatten(params), functional.flatten(axes)
+  assert set(flat_p) == set(flat_a)
+  for path, value in flat_p.items():
+    assert len(flat_a[path]) == value.ndim and any(flat_a[path]), path
+  assert flat_a["shared"] == ("vocab", "embed")
+  assert flat_a["lm_head/kernel"] == ("embed", "vocab")
