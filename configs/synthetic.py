@@ -30,7 +30,9 @@ def get_config(arg=None):
   c.optim.grad_clip_norm = 1.0
   c.train = dict(batch_size=32, steps=400, log_every=25, checkpoint_every=500,
                  keep_checkpoints=2, async_checkpoint=True)
-  c.eval = dict(batch_size=64, view_selection="phash", splits=["test", "heldout"])
+  c.eval = dict(batch_size=64, view_selection="phash", splits=["test", "heldout"],
+                # several regions per synthetic image: score each region on its own
+                evaluators=dict(region_caption=dict(key="region_id")))
 
   if arg == "smoke":
     c.data.num_images = dict(train=8, val=4, test=4, heldout=4)

@@ -33,6 +33,7 @@ def predict_split(predictor: Predictor, params, dataset) -> list[tuple[dict, dic
 
 
 def run_evaluators(cached: list[tuple[dict, dict]], names=EVALUATORS, cfg=None) -> dict:
+  """Runs the named evaluators over cached predictions; cfg: {name: evaluator kwargs}."""
   by_id = {id(b): p for b, p in cached}
   batches = [b for b, _ in cached]
   predict_fn = lambda _params, batch: by_id[id(batch)]
@@ -44,7 +45,7 @@ def run_evaluators(cached: list[tuple[dict, dict]], names=EVALUATORS, cfg=None) 
   return results
 
 
-def baselines(train_table, cached: list[tuple[dict, dict]]) -> dict:
+def baselines(train_table, cached: list[tuple[dict, dict]], cfg=None) -> dict:
   """Trivial baselines from the training split: the most frequent caption for every region,
   the majority category, and each attribute's training frequency as its score."""
   captions = collections.Counter(train_table["captions"])
@@ -64,7 +65,7 @@ def baselines(train_table, cached: list[tuple[dict, dict]]) -> dict:
         "attribute_scores": np.broadcast_to(prior, preds["attribute_scores"].shape).copy(),
         "class_scores": np.broadcast_to(np.eye(num_classes)[majority],
                                         preds["class_scores"].shape).copy()}))
-  return run_evaluators(fake)
+  return run_evaluators(fake, cfg=cfg)
 
 
 def main(argv=None) -> int:

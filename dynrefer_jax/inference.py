@@ -31,7 +31,7 @@ class Predictor:
     if fixed:
       method = "fixed"
     num_views = m.num_views
-    t2a = jnp.asarray(data.template_to_attribute)
+    t2a = np.asarray(data.template_to_attribute)
     gen = dict(m.generate)
     tok = data.tokenizer
     gen.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -64,8 +64,10 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
   for split in splits or config.eval.splits:
     t0 = time.time()
     cached = eval_lib.predict_split(predictor, params, data.eval_iterator(split))
-    results[split] = eval_lib.run_evaluators(cached)
-    results[split + "/baseline"] = eval_lib.baselines(train_summary, cached)
+    ev_cfg = config.eval.get("evaluators", {})
+    ev_cfg = ev_cfg.to_dict() if hasattr(ev_cfg, "to_dict") else dict(ev_cfg)
+    results[split] = eval_lib.run_evaluators(cached, cfg=ev_cfg)
+    results[split + "/baseline"] = eval_lib.baselines(train_summary, cached, cfg=ev_cfg)
     results[split + "/seconds"] = time.time() - t0
     results[split + "/examples"] = [
         {"caption": p["caption"][i], "reference": b["captions"][i], "ts": p["ts"][i].tolist(),

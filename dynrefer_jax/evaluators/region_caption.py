@@ -62,11 +62,13 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable
 class RegionCaptionEvaluator(common.Evaluator):
   """Caption metrics keyed by image id (the protocol holds one region per image id).
 
-  Reads batch "image_id" and "captions" (references), and preds "caption".
+  Reads batch "image_id" and "captions" (references), and preds "caption". With `key="region_id"`
+  every region is its own entry (datasets with several regions per image, e.g. the synthetic
+  world).
   """
 
   def rows(self, batch, preds, keep):
-    return list(zip(common.take(batch["image_id"], keep), common.take(batch["captions"], keep),
+    return list(zip(common.take(batch[self.cfg.get("key", "image_id")], keep), common.take(batch["captions"], keep),
                     common.take(preds["caption"], keep)))
 
   def metrics(self, rows):
@@ -75,7 +77,7 @@ class RegionCaptionEvaluator(common.Evaluator):
       image_id = int(image_id)
       if image_id in res:
         raise ValueError(f"image id {image_id} holds more than one region; region captioning "
-                         "evaluates one region per image id")
+                         "evaluates one region per image id (key='region_id' scores each region)")
       gts[image_id] = [refs] if isinstance(refs, str) else [str(r) for r in refs]
       res[image_id] = str(caption)
     return caption_metrics(gts, res)

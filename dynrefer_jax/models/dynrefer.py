@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from dynrefer_jax import losses, sharding
@@ -216,7 +217,7 @@ class DynRefer(nnx.Module):
       return jnp.broadcast_to(jnp.asarray(fixed, jnp.float32), (batch_size, len(fixed)))
     return views.sample_train_ts(rng, batch_size, self.config.num_views)
 
-  def predict_heads(self, batch: dict, ts: jax.Array, template_to_attribute: jax.Array) -> dict:
+  def predict_heads(self, batch: dict, ts: jax.Array, template_to_attribute: np.ndarray) -> dict:
     """Everything but the caption, for batch rows viewed at ts float[B, V].
 
     Returns z float[B, Q, D] (for captioning), tag_scores float[B, K] (σ), attribute_scores
@@ -230,8 +231,8 @@ class DynRefer(nnx.Module):
     tables = self.text_tables()
     tag_scores = jax.nn.sigmoid(self.tag_logits(z, tables))
     templ = jax.nn.sigmoid(self.region_text_scores(z, tables["attributes"]))     # [B, T]
-    num_attr = int(template_to_attribute.max()) + 1 if template_to_attribute.size else 0
-    onehot = jax.nn.one_hot(template_to_attribute, num_attr, dtype=bool)          # [T, A]
+    t2a = np.asarray(template_to_attribute)          # static: which attribute each template scores
+    onehot = jnp.asarray(np.eye(int(t2a.max()) + 1, dtype=bool)[t2a])           # [T, A]
     attr = jnp.max(jnp.where(onehot[None], templ[:, :, None], -jnp.inf), axis=1)
     classes = self.region_text_scores(z, tables["classes"])
     return {"z": z, "tag_scores": tag_scores, "attribute_scores": attr, "class_scores": classes}
