@@ -51,7 +51,7 @@ def _random_boxes(rng, hw, n):
   return np.array(boxes[:n], np.int32)
 
 
-@pytest.mark.parametrize("method", ["banded", "dense"])
+@pytest.mark.parametrize("method", ["blocked", "banded", "dense"])
 def test_crop_resize_matches_pil(method):
   rng = np.random.default_rng(0)
   images, hws = _photo_like(1)

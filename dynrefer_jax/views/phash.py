@@ -165,7 +165,7 @@ def opencv_phash(images: jax.Array, boxes: jax.Array) -> jax.Array:
   return _bits(coef, jnp.mean(coef, axis=(-2, -1), keepdims=True))
 
 
-def imagehash_phash(images: jax.Array, boxes: jax.Array, *, method: str = "banded") -> jax.Array:
+def imagehash_phash(images: jax.Array, boxes: jax.Array, *, method: str = "blocked") -> jax.Array:
   """`imagehash.phash(Image.fromarray(crop))` of every crop.
 
   Args:

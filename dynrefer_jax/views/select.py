@@ -126,13 +126,13 @@ def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Arra
 
 
 def build_views(images: jax.Array, image_hw: jax.Array, box: jax.Array, ts: jax.Array,
-                out_size: int, *, method: str = "banded") -> tuple[jax.Array, jax.Array]:
+                out_size: int, *, method: str = "blocked") -> tuple[jax.Array, jax.Array]:
   """The views the vision tower sees, and the referent box in each.
 
   Args:
     images: uint8[B, S, S, 3]; image_hw: int[B, 2]; box: float[B, 4]; ts: float[B, V].
     out_size: the vision tower's input side (224).
-    method: crop_resize's "banded" or "dense" (same numbers).
+    method: crop_resize's "blocked", "banded" or "dense" (same numbers).
   Returns:
     pixels: float32[B, V, out, out, 3], CLIP-normalised.
     boxes_in_view: float32[B, V, 4] in each view's pixels.
