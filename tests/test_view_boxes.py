@@ -76,7 +76,7 @@ def test_view_boxes_match_reference_10000():
   ts[:, 0] = 0
   ts[: n // 10, 1] = rng.uniform(0, 1, n // 10)  # arbitrary t as well
   fn = jax.jit(lambda b, s, t: (vb.view_boxes(b, s, t),
-                                vb.boxes_in_views(b, s, vb.view_boxes(b, s, t), OUT)))
+                                vb.boxes_in_views(b, vb.view_boxes(b, s, t), OUT, s)))
   got, in_view = map(np.asarray, fn(boxes, hw, ts))
   assert got.dtype == np.int32 and got.shape == (n, v, 4)
   mismatches = []
@@ -100,7 +100,8 @@ def test_candidates_and_reference_view():
   views = np.asarray(vb.view_boxes(box, hw, np.array([[0.0, 0.5, 1.0]], np.float32)))
   # Hand-computed: t=0 truncates, t=1 is the image, t=0.5 the midpoint (truncated).
   np.testing.assert_array_equal(views[0], [[10, 20, 110, 60], [5, 10, 375, 270], [0, 0, 640, 480]])
-  in_view = np.asarray(vb.boxes_in_views(box, hw, views, OUT))
+  in_view = np.asarray(vb.boxes_in_views(box, views, OUT, hw))
+  np.testing.assert_array_equal(np.asarray(vb.boxes_in_views(box, views, OUT)), in_view)
   np.testing.assert_array_equal(in_view[0, 0], [0, 0, 224, 224])
   # View 2 (whole image): x1 = trunc(10 · 224/640) = 3, y2 = trunc(60 · 224/480) = 28.
   np.testing.assert_array_equal(in_view[0, 2], [3, 9, 38, 28])

@@ -98,23 +98,28 @@ def view_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array) -> jax.Array:
   return clip_truncate(interpolate_boxes(box, image_hw, ts), image_hw)
 
 
-def boxes_in_views(box: jax.Array, image_hw: jax.Array, view_boxes: jax.Array,
-                   out_size: int) -> jax.Array:
+def boxes_in_views(box: jax.Array, view_boxes: jax.Array, out_size: int,
+                   image_hw: jax.Array | None = None) -> jax.Array:
   """The referent box in each view's resized coordinates (SPEC §2, "Box inside each view").
 
   The original truncates after scaling (its int64 box goes through torchvision's Resize and
-  back to int64), so the result holds integers; a 1-px-degenerate crop is guarded against
-  division by zero (such boxes are rejected by `validate_boxes` before the step).
+  back to int64), so the result holds integers; a degenerate crop is guarded against division
+  by zero (such boxes are rejected by `validate_boxes` before the step).
 
   Args:
     box: float[B, 4] referent boxes in image pixels.
-    image_hw: int[B, 2] (height, width).
     view_boxes: int[B, V, 4] from `view_boxes`.
     out_size: side of the resized views (224).
+    image_hw: int[B, 2] (height, width). With it, the referent goes through the same 1-px rule
+      and clipping as the views (the original's referent is its clipped t=0 view box); without
+      it, the referent is only truncated, which is the same for boxes inside the image.
   Returns:
     float32[B, V, 4] in [0, out_size] pixels of each view.
   """
-  ref = clip_truncate(force_min_size(box, image_hw), image_hw)  # int32[B, 4]
+  if image_hw is None:
+    ref = jnp.trunc(box.astype(jnp.float32)).astype(jnp.int32)
+  else:
+    ref = clip_truncate(force_min_size(box, image_hw), image_hw)  # int32[B, 4]
   origin = jnp.concatenate([view_boxes[..., :2], view_boxes[..., :2]], axis=-1)
   rel = ref[:, None, :] - origin  # int32[B, V, 4]
   wh = jnp.maximum(view_boxes[..., 2:] - view_boxes[..., :2], 1).astype(jnp.float32)
@@ -152,8 +157,8 @@ def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
                      f"to the {int(w[i])}x{int(h[i])} image")
   # Apply the 1-px rule in numpy and look for crops left empty by clipping.
   forced = np.asarray(force_min_size(jnp.asarray(box), jnp.asarray(image_hw)))
-  x1, x2 = np.clip(forced[:, 0], 0, w).astype(np.int64), np.clip(forced[:, 2], 0, w).astype(np.int64)
-  y1, y2 = np.clip(forced[:, 1], 0, h).astype(np.int64), np.clip(forced[:, 3], 0, h).astype(np.int64)
+  lo = np.stack([w, h, w, h], -1)
+  x1, y1, x2, y2 = np.clip(forced, 0, lo).astype(np.int64).T
   bad = (x2 <= x1) | (y2 <= y1)
   if bad.any():
     i = int(np.argmax(bad))

@@ -36,7 +36,8 @@ def sample_train_ts(rng: jax.Array, batch: int, num_views: int = 3) -> jax.Array
   """
   k = num_views - 1
   if not 0 <= k <= len(boxes_lib.CANDIDATE_TS):
-    raise ValueError(f"num_views must be in [1, {len(boxes_lib.CANDIDATE_TS) + 1}], got {num_views}")
+    raise ValueError(
+        f"num_views must be in [1, {len(boxes_lib.CANDIDATE_TS) + 1}], got {num_views}")
   cands = jnp.asarray(boxes_lib.CANDIDATE_TS, jnp.float32)
   keys = jax.random.split(rng, batch)
   order = jax.vmap(lambda key: jax.random.permutation(key, cands.shape[0]))(keys)[:, :k]
@@ -139,4 +140,4 @@ def build_views(images: jax.Array, image_hw: jax.Array, box: jax.Array, ts: jax.
   """
   crops = boxes_lib.view_boxes(box, image_hw, ts)
   pixels = crop_resize.crop_resize(images, image_hw, crops, out_size, method=method)
-  return crop_resize.normalize(pixels), boxes_lib.boxes_in_views(box, image_hw, crops, out_size)
+  return crop_resize.normalize(pixels), boxes_lib.boxes_in_views(box, crops, out_size, image_hw)
