@@ -116,6 +116,7 @@ def test_beam_search_matches_hf(toy, settings):
   ref, out = _hf(toy, **settings)
   np.testing.assert_array_equal(ours, ref)
   np.testing.assert_allclose(scores, out.sequences_scores.numpy(), atol=1e-4, rtol=0)
+  assert (ours == EOS).any(), "no hypothesis ended with EOS: the EOS path went unchecked"
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(repetition_penalty=1.5, min_length=4)],

@@ -78,6 +78,12 @@ def generate(model, encoder_states: jax.Array, encoder_mask: jax.Array, *, num_b
                early_stopping=early_stopping, **settings)
 
 
+def _next_logits(model, tokens, cache, i, max_new_tokens, logits):
+  """decode_step unless token i was the last one allowed (saves one of max_new_tokens steps)."""
+  return jax.lax.cond(i + 1 < max_new_tokens, lambda: model.decode_step(tokens, cache, i),
+                      lambda: (logits, cache))
+
+
 def _init_seen(n: int, vocab: int, start: int | None) -> jax.Array:
   seen = jnp.zeros((n, vocab), bool)
   return seen if start is None else seen.at[:, start].set(True)
@@ -100,7 +106,7 @@ def _greedy(model, enc, enc_mask, *, max_new_tokens, min_length, repetition_pena
     tok_logp = jnp.take_along_axis(jax.nn.log_softmax(s, -1), tok[:, None], -1)[:, 0]
     live = ~c["done"]
     tok = jnp.where(live, tok, pad)
-    logits, cache = model.decode_step(tok, c["cache"], i)
+    logits, cache = _next_logits(model, tok, c["cache"], i, max_new_tokens, c["logits"])
     return dict(i=i + 1, logits=logits, cache=cache, seen=_mark(c["seen"], tok),
                 ids=c["ids"].at[:, i].set(tok), done=c["done"] | (tok == eos),
                 logp=c["logp"] + jnp.where(live, tok_logp, 0.0),
@@ -184,7 +190,7 @@ def _beam(model, enc, enc_mask, *, num_beams, early_stopping, max_new_tokens, mi
     unsatisfied = c["unsatisfied"] & jnp.any(best_running > worst, -1, keepdims=True)
     go = (jnp.any(unsatisfied) & ~(jnp.all(finished) & (early_stopping is True))
           & ~jnp.all(hits))
-    logits, cache = model.decode_step(tokens, cache, i)
+    logits, cache = _next_logits(model, tokens, cache, i, t, c["logits"])
     return dict(i=i + 1, go=go, logits=logits, cache=cache, seen=seen, run_seq=run_seq,
                 run_scores=run_scores, seq=seq, scores=scores, finished=finished,
                 unsatisfied=unsatisfied)
