@@ -182,7 +182,15 @@ class Stack(nnx.Module):
 
 
 class T5(nnx.Module):
-  """T5 v1.1 / FlanT5 (defaults: flan-t5-xl with the LAVIS exact-gelu override)."""
+  """T5 v1.1 / FlanT5 (defaults: flan-t5-xl with the LAVIS exact-gelu override).
+
+  tie_word_embeddings=False is FlanT5 as the original loads it (transformers 4.x: separate
+  lm_head, no output rescale). transformers v5 always ties lm_head to `shared` and keeps the
+  rescale flag as `config.scale_decoder_outputs`; `tie_word_embeddings=True` reproduces that
+  (original T5) variant. Dropout (`dropout_rate`) sits where HF's does: on the encoder input,
+  attention probabilities, each sub-layer output, inside the FFN and after each final norm;
+  it is active only with train=True and rngs given (DynRefer keeps frozen T5 in train mode).
+  """
 
   def __init__(self, *, vocab_size: int = 32128, d_model: int = 2048, d_kv: int = 64,
                d_ff: int = 5120, num_heads: int = 32, num_encoder_layers: int = 24,
