@@ -83,8 +83,22 @@ class GroupedConv(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: float[M, H, W, in] → float[M, H, W, out]."""
     dtype = self.dtype or x.dtype
+    kernel = self.kernel[...].astype(dtype)
+    k, _, per_group, out = kernel.shape
+    if self.groups == out:
+      # One output per group (DynRefer's offset_mask_dw: 2 inputs per output). Written as
+      # k·k shifted multiply-adds, which XLA fuses into one elementwise kernel; a
+      # feature-grouped conv gets a pathologically slow kernel gradient (≈1000× the forward
+      # on XLA:CPU) and poor cuDNN kernels for 2-channel groups.
+      m, h, w, _ = x.shape
+      pad = k // 2
+      xp = jnp.pad(x.astype(dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      xp = xp.reshape(m, h + 2 * pad, w + 2 * pad, out, per_group)
+      y = sum((xp[:, dy:dy + h, dx:dx + w] * kernel[dy, dx].T).sum(-1)
+              for dy in range(k) for dx in range(k))
+      return y + self.bias[...].astype(dtype)
     y = jax.lax.conv_general_dilated(
-        x.astype(dtype), self.kernel[...].astype(dtype), window_strides=(1, 1),
+        x.astype(dtype), kernel, window_strides=(1, 1),
         padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.groups)
     return y + self.bias[...].astype(dtype)
