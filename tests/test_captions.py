@@ -26,6 +26,7 @@ CORPUS = ["a man in a white shirt", "the pitcher throws a white baseball",
 ])
 def test_pre_caption(raw, expected):
   assert captions.pre_caption(raw) == expected
+  assert captions.preprocess_caption(raw) == expected
 
 
 def test_pre_caption_truncates_to_50_words():

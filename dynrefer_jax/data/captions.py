@@ -34,6 +34,9 @@ def pre_caption(caption: str, max_words: int = MAX_WORDS) -> str:
   return caption
 
 
+preprocess_caption = pre_caption  # the name data/sources.py imports
+
+
 def load_tokenizer(directory: str | os.PathLike):
   """A tokenizer saved in `directory` (T5's spiece.model or a tokenizer.json); offline only."""
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
