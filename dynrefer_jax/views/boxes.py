@@ -157,8 +157,8 @@ def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
                      f"to the {int(w[i])}x{int(h[i])} image")
   # Apply the 1-px rule in numpy and look for crops left empty by clipping.
   forced = np.asarray(force_min_size(jnp.asarray(box), jnp.asarray(image_hw)))
-  lo = np.stack([w, h, w, h], -1)
-  x1, y1, x2, y2 = np.clip(forced, 0, lo).astype(np.int64).T
+  upper = np.stack([w, h, w, h], -1)
+  x1, y1, x2, y2 = np.clip(forced, 0, upper).astype(np.int64).T
   bad = (x2 <= x1) | (y2 <= y1)
   if bad.any():
     i = int(np.argmax(bad))

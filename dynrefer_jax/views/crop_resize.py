@@ -164,8 +164,10 @@ def _blocked_pass(x: jax.Array, start: jax.Array, weights: jax.Array, scale_max:
     mat = jnp.where(valid, jnp.take_along_axis(w, jnp.clip(offset, 0, taps - 1), axis=1), 0.0)
     return jnp.matmul(mat, rows, precision=_HIGHEST)  # [block, M]
 
-  blocks = jax.vmap(one_block)(jnp.arange(out // block))
-  return blocks.reshape((out,) + x.shape[1:])
+  blocks = jax.vmap(one_block)(jnp.arange(out // block))  # [out // block, block, M]
+  # Merge, then split, in two reshapes: with explicitly sharded batch axes (vmap) JAX infers
+  # the sharding of either kind alone but not of a reshape that does both.
+  return blocks.reshape((out, flat.shape[1])).reshape((out,) + x.shape[1:])
 
 
 def vertical_first(box: jax.Array, out_size: int) -> jax.Array:

@@ -38,10 +38,16 @@ def sample_train_ts(rng: jax.Array, batch: int, num_views: int = 3) -> jax.Array
   if not 0 <= k <= len(boxes_lib.CANDIDATE_TS):
     raise ValueError(
         f"num_views must be in [1, {len(boxes_lib.CANDIDATE_TS) + 1}], got {num_views}")
-  cands = jnp.asarray(boxes_lib.CANDIDATE_TS, jnp.float32)
   keys = jax.random.split(rng, batch)
-  order = jax.vmap(lambda key: jax.random.permutation(key, cands.shape[0]))(keys)[:, :k]
-  return jnp.concatenate([jnp.zeros((batch, 1), jnp.float32), cands[order]], axis=1)
+  num = len(boxes_lib.CANDIDATE_TS)
+  order = jax.vmap(lambda key: jax.random.permutation(key, num))(keys)[:, :k]
+  return jnp.concatenate([jnp.zeros((batch, 1), jnp.float32), _candidate_t(order)], axis=1)
+
+
+def _candidate_t(index: jax.Array) -> jax.Array:
+  """CANDIDATE_TS[index] as float32, by one-hot (sharding-friendly; see greedy_select)."""
+  cands = jnp.asarray(boxes_lib.CANDIDATE_TS, jnp.float32)
+  return jnp.sum(jax.nn.one_hot(index, cands.shape[0], dtype=jnp.float32) * cands, axis=-1)
 
 
 def _score_ranks() -> np.ndarray:
@@ -72,7 +78,10 @@ def greedy_select(ref_bits: jax.Array, cand_bits: jax.Array, num_select: int) ->
     are 0 (only when every candidate hashes like the reference).
   """
   dist = jnp.sum(ref_bits[:, None, :] != cand_bits, axis=-1)  # [B, 10] Hamming distances
-  ranks = jnp.asarray(_RANKS)[dist, jnp.arange(dist.shape[1])[None, :]]
+  # A one-hot lookup instead of a gather: with the batch sharded (explicit mesh axes), indexing
+  # a replicated table by sharded indices is ambiguous to the partitioner.
+  ranks = jnp.sum(jax.nn.one_hot(dist, 65, dtype=jnp.int32) * jnp.asarray(_RANKS.T)[None],
+                  axis=-1)
   picks = []
   for _ in range(num_select):
     best = jnp.argmax(ranks, axis=1)  # first maximum: ties go to the smaller t
@@ -115,15 +124,14 @@ def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Arra
     return jnp.broadcast_to(jnp.asarray(fixed_ts, jnp.float32), (batch, num_views))
   if method not in METHODS:
     raise ValueError(f"unknown view selection method {method!r}; expected one of {METHODS}")
-  cands = jnp.asarray(boxes_lib.CANDIDATE_TS, jnp.float32)
-  zeros = jnp.zeros((batch, 1), jnp.float32)
+  zeros = jnp.zeros_like(box[:, :1], jnp.float32)  # carries the batch sharding of `box`
   if num_views == 1:
     return zeros
   crops = candidate_boxes(image_hw, box)
   hash_fn = phash.opencv_phash if method == "phash" else phash.imagehash_phash
   bits = hash_fn(images, crops)  # [B, 11, 64]
   picks = greedy_select(bits[:, 0], bits[:, 1:], num_views - 1)
-  return jnp.concatenate([zeros, cands[picks]], axis=1)
+  return jnp.concatenate([zeros, _candidate_t(picks)], axis=1)
 
 
 def build_views(images: jax.Array, image_hw: jax.Array, box: jax.Array, ts: jax.Array,
