@@ -10,6 +10,11 @@ built without materialising R: R has two taps per output, at monotone source ind
 A[:, y] is a difference of prefix sums of D₈'s weighted columns taken at the range of outputs
 whose taps land on y.
 
+Cost: 8·S² multiply-adds per crop (88·S² per region for its 11 crops), all in one batched matmul;
+A's construction is O(S) per crop (exact integer tap counts, two small prefix sums, row
+gathers). On an accelerator this is noise; on a 2-core CPU it is ~1-2× the original's per-crop
+OpenCV work at S = 600 (see tools/benchmark_views.py), since the padded image is touched whole.
+
 `imagehash_phash` reproduces `imagehash.phash(crop)` (hash_size 8, highfreq_factor 4): PIL "L"
 conversion, PIL LANCZOS resize to 32×32 (antialiased, 8-bit rounding; `crop_resize` does it),
 scipy's DCT-II along both axes, top-left 8×8, bit = coefficient > median.
