@@ -121,8 +121,9 @@ class QFormer(nnx.Module):
                encoder_mask: jax.Array | None = None, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """queries: float[B, Q, D]; encoder: float[B, L, C] (fused view tokens);
-    encoder_mask: bool[B, L] (True = attend) or None for all-ones. Returns float[B, Q, D]
-    (the last hidden state)."""
+    encoder_mask: bool[B, L] (True = attend) or None for all-ones (DynRefer's case). Masked keys
+    get the float32 minimum (HF); LAVIS adds −10000, which differs only for a fully masked row.
+    Returns float[B, Q, D] (the last hidden state)."""
     mask = None if encoder_mask is None else encoder_mask[:, None, None, :]
     h = layers.dropout(self.layernorm(queries), self.dropout, rngs, not train)
     for layer in self.layers:
