@@ -48,9 +48,11 @@ class DynRefer(nnx.Module):
     self.visual_encoder = eva_vit.VisionTransformer(**vit, dtype=dtype, rngs=rngs)
     self.ln_vision = layers.LayerNorm(width, eps=c.ln_vision_eps, rngs=rngs)
     if c.num_views > 1:
-      self.cvem_align = aligner_lib.build_aligner(c.aligner.kind, channels=width,
-                                                  **{k: v for k, v in c.aligner.items()
-                                                     if k != "kind"}, rngs=rngs)
+      # groups belongs to the DCNv4 aligner only; the paper's offset variant takes none.
+      kw = {k: v for k, v in c.aligner.items()
+            if k != "kind" and (c.aligner.kind == "dcnv4" or k != "groups")}
+      self.cvem_align = aligner_lib.build_aligner(c.aligner.kind, channels=width, **kw,
+                                                  rngs=rngs)
     self.cvem_mlp = fusion.FusionMLP(width, c.num_views, rngs=rngs, dtype=dtype)
     q = c.qformer
     self.query_tokens = layers.param(rngs, layers.normal(0.02), (c.num_query_tokens, q.hidden),
