@@ -8,7 +8,6 @@ original loader reads differs from it by at most the RLE's 1-px inclusive-end co
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -17,16 +16,11 @@ from dynrefer_jax.data.builders import common
 
 def read_coco_instances(annotations: str, image_dir: str
                         ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  with open(annotations) as f:
-    data = json.load(f)
+  data, regions = common.coco_regions(annotations)
   cats = sorted(data["categories"], key=lambda c: c["id"])
   names = {c["id"]: c["name"] for c in cats}
-  images = {im["id"]: im for im in data["images"]}
   records = []
-  for a in data["annotations"]:
-    im = images.get(a["image_id"])
-    if im is None:
-      continue
+  for a, im in regions:
     name = names.get(a.get("category_id"))
     records.append({
         "image_file": os.path.join(image_dir, im["file_name"]), "image_id": a["image_id"],

@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -135,6 +136,16 @@ def clean_box(box: Sequence[float], width: int, height: int, report: Report, wha
       cy1, cy2 = (cy2 - 1, cy2) if cy2 >= 1 else (cy1, cy1 + 1)
     report.repair("box_widened", what)
   return [cx1, cy1, cx2, cy2]
+
+
+def coco_regions(path: str) -> tuple[dict, Iterator[tuple[dict, dict]]]:
+  """Loads a COCO-style JSON; returns (data, (annotation, image) pairs). Annotations whose
+  image is not listed are skipped (nothing to crop them from)."""
+  with open(path) as f:
+    data = json.load(f)
+  images = {im["id"]: im for im in data["images"]}
+  pairs = ((a, images[a["image_id"]]) for a in data["annotations"] if a["image_id"] in images)
+  return data, pairs
 
 
 def xywh_to_xyxy(b: Sequence[Any]) -> list[float]:

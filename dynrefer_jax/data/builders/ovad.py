@@ -4,7 +4,6 @@ read from `attributes`, so fixtures may be smaller)."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -12,17 +11,12 @@ from dynrefer_jax.data.builders import common
 
 
 def read_ovad(annotations: str, image_dir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  with open(annotations) as f:
-    data = json.load(f)
+  data, regions = common.coco_regions(annotations)
   cats = sorted(data["categories"], key=lambda c: c["id"])
   names = {c["id"]: c["name"] for c in cats}
   attributes = sorted(data["attributes"], key=lambda a: a["id"])
-  images = {im["id"]: im for im in data["images"]}
   records = []
-  for a in data["annotations"]:
-    im = images.get(a["image_id"])
-    if im is None:
-      continue
+  for a, im in regions:
     name = names.get(a.get("category_id"))
     records.append({
         "image_file": os.path.join(image_dir, im["file_name"]), "image_id": a["image_id"],

@@ -4,22 +4,17 @@ annotation per image entry, boxes xywh in COCO 2014 pixels."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+from dynrefer_jax.data.builders import common
 from dynrefer_jax.data.builders.common import xywh_to_xyxy
 
 
 def read_refcocog(annotations: str, image_dir: str) -> tuple[list[dict[str, Any]], dict]:
-  with open(annotations) as f:
-    data = json.load(f)
-  images = {im["id"]: im for im in data["images"]}
+  data, regions = common.coco_regions(annotations)
   records = []
-  for a in data["annotations"]:
-    im = images.get(a["image_id"])
-    if im is None:
-      continue
+  for a, im in regions:
     caption = (im.get("caption") or a.get("caption") or "").strip()
     records.append({
         "image_file": os.path.join(image_dir, im["file_name"]), "image_id": a["image_id"],

@@ -52,14 +52,9 @@ def read_coco_captions(annotations: str, image_dir: str
   """COCO-caption-style region files with xywh boxes and one region per image: GLaMM's VG
   `test_caption.json` and RefCOCOg `finetune_refcocog_val_captions.json`. The caption is taken
   from the annotation, else from its image entry (ControlCap reads the image's)."""
-  with open(annotations) as f:
-    data = json.load(f)
-  images = {im["id"]: im for im in data["images"]}
+  data, regions = common.coco_regions(annotations)
   records = []
-  for a in data["annotations"]:
-    im = images.get(a["image_id"])
-    if im is None:
-      continue
+  for a, im in regions:
     caption = a.get("caption") or im.get("caption") or ""
     records.append({
         "image_file": os.path.join(image_dir, im["file_name"]), "image_id": a["image_id"],
