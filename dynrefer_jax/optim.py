@@ -14,17 +14,19 @@ import optax
 from dynrefer_jax import functional
 
 
-def lr_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int):
+def lr_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
+                total_steps: int | None = None):
   """Returns step → learning rate.
 
   per_epoch (the original): lr(e) = min_lr + (lr − min_lr)·½(1 + cos(π e / E)) for the epoch e
-  the step falls in. per_step: the same cosine over steps. A linear warm-up from `warmup_lr` to
+  the step falls in. per_step: the same cosine over the run's `total_steps` (default
+  epochs × steps_per_epoch), so that a run set by `train.steps` ends at min_lr. A linear warm-up from `warmup_lr` to
   `lr` over `warmup_steps` comes first when warmup_steps > 0 (the original's warmup_lr = lr makes
   it a no-op, which `warmup_lr=-1` reproduces: -1 means "same as lr").
   """
   lr, min_lr = c.lr, c.min_lr
   epochs = max(c.epochs, 1)
-  total = max(epochs * steps_per_epoch, 1)
+  total = max(total_steps or epochs * steps_per_epoch, 1)
   warmup = c.warmup_steps
   warmup_lr = lr if c.warmup_lr < 0 else c.warmup_lr
 
@@ -55,9 +57,10 @@ def decay_mask(params: dict, no_decay_patterns=("bias", "ln", "bn")) -> dict:
                                for k, v in flat.items()})
 
 
-def make_optimizer(c: ml_collections.ConfigDict, params: dict, steps_per_epoch: int):
+def make_optimizer(c: ml_collections.ConfigDict, params: dict, steps_per_epoch: int,
+                   total_steps: int | None = None):
   """optax AdamW over the trainable tree, with optional global-norm clipping."""
-  schedule = lr_schedule(c, steps_per_epoch)
+  schedule = lr_schedule(c, steps_per_epoch, total_steps)
   chain = []
   if c.grad_clip_norm and c.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(c.grad_clip_norm))

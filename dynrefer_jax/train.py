@@ -140,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
   state = build_model(config, text_token_ids_from(data), mesh)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)
   total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
-  tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch)
+  tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch,
+                                      total_steps)
   opt_state = jax.jit(tx.init)(state.trainable)
   # Moments follow their parameters' shardings; scalars (counts) are replicated on the mesh.
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -36,3 +36,13 @@ def test_decay_mask():
   assert m["Qformer"]["dense"]["bias"] is False
   assert m["Qformer"]["ln_x"]["scale"] is False  # 'ln' in the name, as the original
   assert m["attr_t"] is False
+
+
+def test_per_step_cosine_spans_the_runs_total_steps():
+  # A run set by train.steps (400) with 1 epoch of 10 steps: the cosine must reach its midpoint at
+  # step 200 and min_lr at 400, not at the 10 steps of one epoch.
+  c = common.optim()
+  c.schedule, c.epochs, c.lr, c.min_lr = "per_step", 1, 1e-3, 0.0
+  sched = optim.lr_schedule(c, steps_per_epoch=10, total_steps=400)
+  np.testing.assert_allclose([float(sched(s)) for s in (0, 200, 400)], [1e-3, 5e-4, 0.0],
+                             rtol=1e-5, atol=1e-9)
