@@ -29,15 +29,22 @@ def asymmetric_loss(logits: jax.Array, targets: jax.Array, *, gamma_neg: float =
   return -loss.sum()
 
 
-def siglip_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def siglip_loss(logits: jax.Array, mask: jax.Array | None = None,
+                labels: jax.Array | None = None, weights: jax.Array | None = None) -> jax.Array:
   """One direction of the sigmoid loss: rows are queries, the positive is the diagonal.
 
-  logits: float[N, N] (already scaled by exp(t) and shifted by b). Returns −Σ log σ(y·l) / N,
-  with y = +1 on the diagonal, −1 elsewhere. `mask` (bool[N]) drops padding rows and columns.
+  logits: float[N, M] (already scaled by exp(t) and shifted by b). Returns −Σ w·log σ(y·l) / N,
+  with y = +1 on the diagonal, −1 elsewhere (the original), or y = 2·labels − 1 when `labels`
+  (bool[N, M], several positives per row allowed) is given; `weights` (float[N, M]) zeroes
+  ignored pairs. `mask` (bool[N], N = M) drops padding rows and columns; N counts valid rows.
   """
   n = logits.shape[0]
-  labels = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
-  terms = jax.nn.log_sigmoid(labels * logits.astype(jnp.float32))
+  if labels is None:
+    labels = jnp.eye(n, logits.shape[1], dtype=bool)
+  y = 2.0 * labels.astype(jnp.float32) - 1.0
+  terms = jax.nn.log_sigmoid(y * logits.astype(jnp.float32))
+  if weights is not None:
+    terms = terms * weights.astype(jnp.float32)
   if mask is None:
     return -terms.sum() / n
   m = mask.astype(jnp.float32)

@@ -31,6 +31,53 @@ def _dtype(name: str | None):
   return None if name in (None, "", "none") else jnp.dtype(name)
 
 
+def _t(x):
+  return None if x is None else x.T
+
+
+def sample_rtc_texts(rng: jax.Array, text_ids: jax.Array, category: jax.Array,
+                     attributes: jax.Array, class_ids: jax.Array, template_ids: jax.Array,
+                     template_owner: jax.Array, prompt_prob: float):
+  """Region-text training texts with true prompts mixed in, and their multi-positive labels.
+
+  Each region keeps its caption (text_ids int[B, L]) with probability 1 − prompt_prob; otherwise
+  its text is one of its true prompts drawn uniformly: its class prompt (class_ids int[C, L],
+  from category int[B], −1 = none) or a template of one of its positive attributes
+  (template_ids int[T, L], owned by attribute template_owner int[T]; attributes int[B, A] with
+  1 / 0 / −1 = ignore). A region without a true prompt keeps its caption.
+
+  Returns (ids int[B, L], labels bool[B, B], weights float[B, B]) with region i in rows and text
+  j in columns: a caption is positive for its own region only (the original's diagonal); a
+  prompt is positive for every region it is true for, and weighs 0 where that region's label is
+  unknown (attribute −1, or no category).
+  """
+  text_ids, category, attributes, class_ids, template_ids, template_owner = map(
+      jnp.asarray, (text_ids, category, attributes, class_ids, template_ids, template_owner))
+  b = text_ids.shape[0]
+  num_classes = class_ids.shape[0]
+  if class_ids.shape[1] != text_ids.shape[1] or template_ids.shape[1] != text_ids.shape[1]:
+    raise ValueError(f"prompt tables of length {class_ids.shape[1]}/{template_ids.shape[1]} do "
+                     f"not match text_ids of length {text_ids.shape[1]}")
+  owner_attr = attributes[:, jnp.maximum(template_owner, 0)]                  # [B, T]
+  owner_known = (template_owner >= 0)[None]
+  class_pos = (category[:, None] == jnp.arange(num_classes)[None]) & (category[:, None] >= 0)
+  truth = jnp.concatenate([class_pos, (owner_attr == 1) & owner_known], axis=1)   # [B, C+T]
+  known = jnp.concatenate([jnp.broadcast_to(category[:, None] >= 0, class_pos.shape),
+                           (owner_attr >= 0) & owner_known], axis=1)
+
+  pick_rng, use_rng = jax.random.split(rng)
+  gumbel = jax.random.gumbel(pick_rng, truth.shape)
+  choice = jnp.argmax(jnp.where(truth, gumbel, -jnp.inf), axis=1)               # [B]
+  use_prompt = (jax.random.uniform(use_rng, (b,)) < prompt_prob) & truth.any(axis=1)
+  prompts = jnp.concatenate([class_ids, template_ids], axis=0)[choice]          # [B, L]
+  ids = jnp.where(use_prompt[:, None], prompts, text_ids)
+
+  eye = jnp.eye(b, dtype=bool)
+  labels = jnp.where(use_prompt[None, :], truth[:, choice], eye)
+  weights = jnp.where(use_prompt[None, :], known[:, choice], True).astype(jnp.float32)
+  return ids, labels, weights
+
+
 class DynRefer(nnx.Module):
   """The whole model. `config` is `config.model` of a configs/*.py file.
 
@@ -82,6 +129,10 @@ class DynRefer(nnx.Module):
     self.cem_memory = nnx.Param(jnp.zeros((lm.d_model,), jnp.float32), out_sharding=("embed",))
 
     ids = {k: jnp.asarray(v, jnp.int32) for k, v in text_token_ids.items()}
+    # Which attribute each template scores (int[T]); -1 where unknown (only the synthetic
+    # world's prompt texts for the region-text loss need it).
+    self.att_template_owner = layers.Table(ids.get(
+        "template_to_attribute", jnp.full((ids["attributes"].shape[0],), -1, jnp.int32)))
     self.tag_token_ids = layers.Table(ids["tags"])
     self.att_token_ids = layers.Table(ids["attributes"])
     self.ov_token_ids = layers.Table(ids["classes"])
@@ -191,7 +242,14 @@ class DynRefer(nnx.Module):
     tag_logits = self.tag_logits(z, tables, train=train, rngs=rngs)
     tag_loss = losses.asymmetric_loss(tag_logits, batch["tags"], mask=mask, **c.loss.asl)
 
-    text = self.text_encoder(batch["text_ids"])
+    text_ids, labels, weights = batch["text_ids"], None, None
+    prompt_prob = c.loss.get("rtc_prompt_prob", 0.0)
+    if train and prompt_prob > 0:
+      text_ids, labels, weights = sample_rtc_texts(
+          jax.random.fold_in(view_rng, 1), batch["text_ids"], batch["category"],
+          batch["attributes"], self.ov_token_ids[...], self.att_token_ids[...],
+          self.att_template_owner[...], prompt_prob)
+    text = self.text_encoder(text_ids)
     if not c.train_text_encoder:
       text = jax.lax.stop_gradient(text)
     # SigLIP over the global batch. The original gathers across GPUs under no_grad, so in each
@@ -200,8 +258,9 @@ class DynRefer(nnx.Module):
     scale, bias = jnp.exp(self.attr_t[...]), self.attr_b[...]
     s_t2i = self.region_text_scores(z, sg(text), train=train, rngs=rngs)      # region side trains
     s_i2t = self.region_text_scores(sg(z), text, train=train, rngs=rngs)      # text side trains
-    rtc_loss = 0.5 * (losses.siglip_loss(s_t2i * scale + bias, mask)
-                      + losses.siglip_loss((s_i2t * scale + bias).T, mask))
+    rtc_loss = 0.5 * (
+        losses.siglip_loss(s_t2i * scale + bias, mask, labels, weights)
+        + losses.siglip_loss((s_i2t * scale + bias).T, mask, _t(labels), _t(weights)))
 
     enc_in, enc_mask = self.lm_inputs(z, batch["control_ids"], batch["control_mask"])
     lm_loss, _ = self.t5_model(enc_in, enc_mask, batch["caption_ids"],
