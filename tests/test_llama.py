@@ -112,34 +112,64 @@ def test_caption_loss_and_grad_match_torch(toy):
   _close(grad, tp.grad.numpy(), 1e-4)
 
 
-@pytest.mark.parametrize("settings", [
-    dict(num_beams=1), dict(num_beams=1, repetition_penalty=1.5),
-    dict(num_beams=2, repetition_penalty=1.5, length_penalty=0.0),
-    dict(num_beams=3, length_penalty=1.0, min_length=3)], ids=str)
+GEN_N, GEN_P, GEN_T = 24, 5, 8
+_GEN_COMPILED = {}
+
+
+def _generate_ours(toy, x, mask, num_beams, **settings):
+  """One compile per num_beams; repetition/length penalties and min_length are traced."""
+  _, graphdef, params = toy
+  key = (id(toy[0]), num_beams)
+  if key not in _GEN_COMPILED:
+    @jax.jit
+    def run(p, x, mask, min_length, repetition_penalty, length_penalty):
+      return generate(functional.merge(graphdef, p), x, mask, num_beams=num_beams,
+                      max_new_tokens=GEN_T, min_length=min_length,
+                      repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                      eos_token_id=EOS, pad_token_id=0, decoder_start_token_id=None)
+    _GEN_COMPILED[key] = run
+  ids, scores = _GEN_COMPILED[key](
+      params, jnp.asarray(x), jnp.asarray(mask), jnp.int32(settings.get("min_length", 0)),
+      jnp.float32(settings.get("repetition_penalty", 1.0)),
+      jnp.float32(settings.get("length_penalty", 1.0)))
+  return np.asarray(ids), np.asarray(scores)
+
+
+GEN_CASES = [dict(num_beams=nb, repetition_penalty=rp, length_penalty=lp)
+             for nb in (1, 2, 5) for rp in (1.0, 1.5) for lp in (0.0, 1.0)]
+GEN_CASES += [dict(num_beams=3, length_penalty=1.0, min_length=3)]
+
+
+@pytest.mark.parametrize("settings", GEN_CASES, ids=str)
 def test_generate_matches_hf(toy, settings):
-  hf, graphdef, params = toy
-  n, p, t = 8, 5, 8
-  x = np.random.RandomState(2).randn(n, p, D).astype(np.float32)
-  mask = np.ones((n, p), bool)
-
-  @jax.jit
-  def run(params, x, mask):
-    return generate(functional.merge(graphdef, params), x, mask, max_new_tokens=t,
-                    eos_token_id=EOS, pad_token_id=0, decoder_start_token_id=None, **settings)
-
-  ids, scores = run(params, jnp.asarray(x), jnp.asarray(mask))
+  """24 random prefixes; ids token-identical to HF generate(inputs_embeds=prefix); beam sequence
+  scores within 1e-4; greedy scores (HF has none) vs HF's processed per-step scores."""
+  hf = toy[0]
+  x = np.random.RandomState(2).randn(GEN_N, GEN_P, D).astype(np.float32)
+  mask = np.ones((GEN_N, GEN_P), bool)
+  ids, scores = _generate_ours(toy, x, mask, **settings)
   with torch.no_grad():
     out = hf.generate(inputs_embeds=torch.tensor(x),
-                      attention_mask=torch.tensor(mask.astype(np.int64)), max_new_tokens=t,
+                      attention_mask=torch.tensor(mask.astype(np.int64)), max_new_tokens=GEN_T,
                       do_sample=False, return_dict_in_generate=True, output_scores=True,
                       **settings)
-  ref = np.zeros((n, t), np.int64)
+  ref = np.zeros((GEN_N, GEN_T), np.int64)
   for i, row in enumerate(out.sequences.numpy()):
     end = list(row).index(EOS) + 1 if EOS in row else len(row)
     ref[i, :end] = row[:end]
-  np.testing.assert_array_equal(np.asarray(ids), ref)
+  np.testing.assert_array_equal(ids, ref)
+  ended = (ref == EOS).any(1)
+  assert ended.any(), "no sequence ended with EOS: the EOS path went unchecked"
   if settings["num_beams"] > 1:
-    np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), atol=1e-4)
+    np.testing.assert_allclose(scores, out.sequences_scores.numpy(), atol=1e-4, rtol=0)
+    return
+  assert not ended.all(), "greedy: every sequence ended early; the max-length path unchecked"
+  logp = torch.stack(out.scores, 1).log_softmax(-1).numpy()
+  lengths = np.where(ended, (ref == EOS).argmax(1) + 1, GEN_T)
+  tok = np.take_along_axis(logp, ref[:, :logp.shape[1], None], -1)[..., 0]
+  want = np.array([tok[n, :lengths[n]].sum() / lengths[n] ** settings["length_penalty"]
+                   for n in range(GEN_N)])
+  np.testing.assert_allclose(scores, want, atol=1e-4, rtol=0)
 
 
 def test_every_parameter_has_logical_axes():
