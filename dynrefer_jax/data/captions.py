@@ -34,7 +34,7 @@ def pre_caption(caption: str, max_words: int = MAX_WORDS) -> str:
   return caption
 
 
-preprocess_caption = pre_caption  # the name data/sources.py imports
+preprocess_caption = pre_caption  # alias (data/sources.py re-exports it under this name)
 
 
 def load_tokenizer(directory: str | os.PathLike):

@@ -19,20 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
-def preprocess_caption(text: str) -> str:
-  """LAVIS `blip_caption` (SPEC §7c). Uses data/captions.py when present (owned elsewhere);
-  the fallback here applies the same documented rule."""
-  try:
-    from dynrefer_jax.data.captions import preprocess_caption as impl  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    impl = None
-  if impl is not None:
-    return impl(text)
-  text = text.lower()
-  for ch in '.!"()*#:;~':
-    text = text.replace(ch, " ")
-  return " ".join(text.split()[:50])
+from dynrefer_jax.data.captions import pre_caption as preprocess_caption  # LAVIS blip_caption
 
 
 @dataclasses.dataclass
