@@ -41,6 +41,7 @@ def full_model() -> ml_collections.ConfigDict:
       generate=dict(num_beams=2, max_new_tokens=20, min_length=1, repetition_penalty=1.5,
                     length_penalty=0.0),
       tag_threshold=0.7,
+      remat="none",           # per-block rematerialisation: none, full, dots, dots_no_batch
   ))
 
 
@@ -78,7 +79,10 @@ def optim() -> ml_collections.ConfigDict:
 def sharding_config(mesh=None) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       mesh=mesh or dict(data=-1, fsdp=1, tensor=1),
-      rules=[list(r) for r in sharding.DEFAULT_RULES]))
+      rules=[list(r) for r in sharding.DEFAULT_RULES],
+      # FSDP for what the rules leave unsharded on 'fsdp': arrays of at least this many bytes
+      # get their largest divisible dimension sharded over it (0 = rules only).
+      fsdp_min_bytes=1 << 20))
 
 
 def base() -> ml_collections.ConfigDict:
@@ -90,7 +94,9 @@ def base() -> ml_collections.ConfigDict:
   c.train = dict(batch_size=512, steps=0, log_every=50, checkpoint_every=1000,
                  keep_checkpoints=3, async_checkpoint=True)
   c.sharding = sharding_config()
-  c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
+  # jax.distributed: '' / 0 / -1 = from $DYNREFER_COORDINATOR, $DYNREFER_NUM_PROCESSES,
+  # $DYNREFER_PROCESS_ID (a set coordinator address alone enables it).
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.resume = ""
   c.model_init = ""
   return c

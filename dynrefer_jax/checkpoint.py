@@ -8,11 +8,14 @@ restores onto any mesh. A corrupt or truncated latest step falls back to the pre
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -69,3 +72,68 @@ class Checkpointer:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def read_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, state) of a trainer checkpoint as host numpy arrays, for inspection and tests.
+
+  No target shardings are needed: every leaf is read whole onto the host.
+  """
+  mgr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+  try:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    meta = mgr.item_metadata(step)["state"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
+                                is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
+    out = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    return step, out["state"]
+  finally:
+    mgr.close()
+
+
+def _params_dir(path: str) -> str:
+  path = os.path.abspath(path)
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def save_params(path: str, params: dict, meta: dict | None = None) -> None:
+  """A full parameter tree in the layout tools/convert_checkpoint.py writes for
+  config.model_init: `path/checkpoints/0` holding {"params": tree}."""
+  ck = Checkpointer(os.path.join(os.path.abspath(path), "checkpoints"), async_save=False)
+  ck.save(0, {"params": params}, meta or {}, force=True)
+  ck.close()
+
+
+def load_params(path: str, target: Any) -> dict:
+  """The {"params": tree} of a converted checkpoint (`path` or `path/checkpoints`, latest step)
+  onto `target`: ShapeDtypeStructs carrying shardings (dtypes are cast to the target's)."""
+  directory = _params_dir(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"model_init {path}: no such checkpoint directory")
+  ck = Checkpointer(directory, async_save=False)
+  try:
+    step = ck.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"model_init {path}: no checkpoint step in {directory}")
+    _, state, _ = ck.restore({"params": target}, step=step)
+    return state["params"]
+  finally:
+    ck.close()
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  """Writes JSON to a temporary file in the same directory, then renames it into place."""
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -71,3 +71,11 @@ def make_optimizer(c: ml_collections.ConfigDict, params: dict, steps_per_epoch: 
 
 def global_norm(tree) -> jax.Array:
   return optax.global_norm(tree)
+
+
+def step_count(opt_state) -> jax.Array:
+  """The number of updates applied so far: the optimizer's own (first) `count` leaf, int32[]."""
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+  if not found:
+    raise ValueError("the optimizer state holds no 'count'; cannot tell the step")
+  return found[0][1]

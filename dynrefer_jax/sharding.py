@@ -87,12 +87,37 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rule
   return P(*parts)
 
 
-def tree_shardings(tree: Any, axes: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) given its axes tree."""
+def fsdp_fallback(spec: P, shape: Sequence[int], itemsize: int, mesh: Mesh,
+                  min_bytes: int) -> P:
+  """FSDP for arrays the rules leave without 'fsdp': a leaf of at least `min_bytes` whose spec
+  does not use 'fsdp' gets its largest free dimension that 'fsdp' divides sharded over it.
+  min_bytes <= 0 turns this off."""
+  n = mesh.shape.get("fsdp", 1)
+  if min_bytes <= 0 or n <= 1 or math.prod(shape) * itemsize < min_bytes:
+    return spec
+  parts = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for p in parts if p is not None for a in ((p,) if isinstance(p, str) else p)}
+  if "fsdp" in used:
+    return spec
+  free = [i for i, (p, d) in enumerate(zip(parts, shape)) if p is None and d % n == 0]
+  if not free:
+    return spec
+  parts[max(free, key=lambda i: shape[i])] = "fsdp"
+  return P(*parts)
+
+
+def tree_shardings(tree: Any, axes: Any, mesh: Mesh, rules, *, fsdp_min_bytes: int = 0) -> Any:
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) given its axes tree.
+
+  fsdp_min_bytes > 0: leaves of at least that many bytes are also sharded over 'fsdp' when the
+  rules alone would leave them unsharded on it (`fsdp_fallback`).
+  """
   def one(leaf, names):
-    shape = getattr(leaf, "shape", ())
+    shape = tuple(getattr(leaf, "shape", ()))
     names = tuple(names) if names else (None,) * len(shape)
-    return NamedSharding(mesh, spec_for(names, shape, mesh, rules))
+    spec = spec_for(names, shape, mesh, rules)
+    itemsize = np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+    return NamedSharding(mesh, fsdp_fallback(spec, shape, itemsize, mesh, fsdp_min_bytes))
   return jax.tree.map(one, tree, axes, is_leaf=lambda x: isinstance(x, tuple))
 
 

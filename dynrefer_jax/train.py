@@ -28,9 +28,10 @@ from flax import nnx
 
 from dynrefer_jax import checkpoint as ckpt_lib
 from dynrefer_jax import config_lib, functional, optim, sharding
+from dynrefer_jax import flops as flops_lib
 from dynrefer_jax.metrics_writer import MetricsWriter
 from dynrefer_jax.models import dynrefer as dynrefer_lib
-from dynrefer_jax.models.layers import Table
+from dynrefer_jax.models import layers
 
 log = logging.getLogger("dynrefer_jax.train")
 
@@ -63,34 +64,92 @@ def trainable_patterns(config) -> tuple[list[str], list[str]]:
   return list(config.trainable), [r"(^|/)(clip_embeds|att_embeds|ov_embeds|\w+_token_ids)$"]
 
 
-def build_model(config: ml_collections.ConfigDict, text_token_ids: dict, mesh, *,
-                seed: int | None = None) -> ModelState:
-  """Initialises the model directly onto its shardings (never materialised on one device)."""
+def _cast_frozen(frozen: dict, dtype_name: str) -> dict:
+  """Floating frozen leaves in `dtype_name` ('' keeps them); works on arrays and abstract leaves."""
+  if not dtype_name:
+    return frozen
+  dt = jnp.dtype(dtype_name)
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+    return x.astype(dt)
+  return jax.tree.map(cast, frozen)
+
+
+def abstract_model(config: ml_collections.ConfigDict, text_token_ids: dict, mesh, *,
+                   seed: int | None = None):
+  """Everything build_model makes, without allocating a parameter.
+
+  Returns (build, ModelState) where the state's trainable/frozen leaves are
+  jax.ShapeDtypeStructs carrying their target shardings and `build()` constructs the module.
+  """
   rules = [tuple(r) for r in config.sharding.rules]
   seed = config.seed if seed is None else seed
   build = lambda: dynrefer_lib.DynRefer(config.model, text_token_ids, rngs=nnx.Rngs(seed))
   graphdef, abstract, axes = functional.abstract_split(build)
-  shardings = sharding.tree_shardings(abstract, axes, mesh, rules)
-  params = jax.jit(lambda: functional.split(build())[1], out_shardings=shardings)()
+  shardings = sharding.tree_shardings(abstract, axes, mesh, rules,
+                                      fsdp_min_bytes=config.sharding.get("fsdp_min_bytes", 0))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
   patterns, excludes = trainable_patterns(config)
-  trainable, frozen = functional.partition(params, patterns, excludes)
-  if config.frozen_dtype:
-    dt = jnp.dtype(config.frozen_dtype)
-    frozen = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                          frozen)
+  trainable, frozen = functional.partition(abstract, patterns, excludes)
+  frozen = _cast_frozen(frozen, config.frozen_dtype)
   tr_sh, fr_sh = functional.partition(shardings, patterns, excludes)
-  return ModelState(graphdef, trainable, frozen, axes, tr_sh, fr_sh, mesh, rules)
+  return build, ModelState(graphdef, trainable, frozen, axes, tr_sh, fr_sh, mesh, rules)
 
 
-def make_train_step(state: ModelState, tx: optax.GradientTransformation, schedule: Callable):
-  """(trainable, opt_state, frozen, batch, rng, step) → (trainable, opt_state, metrics)."""
+def build_model(config: ml_collections.ConfigDict, text_token_ids: dict, mesh, *,
+                seed: int | None = None) -> ModelState:
+  """Initialises the model directly onto its shardings (never materialised on one device);
+  frozen parameters are cast to config.frozen_dtype inside the same jitted init."""
+  build, state = abstract_model(config, text_token_ids, mesh, seed=seed)
+  patterns, excludes = trainable_patterns(config)
+
+  def init():
+    tr, fr = functional.partition(functional.split(build())[1], patterns, excludes)
+    return tr, _cast_frozen(fr, config.frozen_dtype)
+
+  state.trainable, state.frozen = jax.jit(
+      init, out_shardings=(state.trainable_shardings, state.frozen_shardings))()
+  return state
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings,
+                        mesh):
+  """Moments follow their parameters' shardings; everything else (counts) is replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, abstract_opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+
+
+def init_optimizer(tx, state: ModelState):
+  """(opt_state, opt_shardings): the optimizer state created directly on its shardings."""
+  abstract = jax.eval_shape(tx.init, state.trainable)
+  shardings = optimizer_shardings(tx, abstract, state.trainable_shardings, state.mesh)
+  return jax.jit(tx.init, out_shardings=shardings)(state.trainable), shardings
+
+
+def make_train_step(state: ModelState, tx: optax.GradientTransformation, schedule: Callable,
+                    *, remat: str = "none"):
+  """The pure update (trainable, opt_state, frozen, batch, rng) → (trainable, opt_state, metrics).
+
+  The step number is the optimizer's own count, so the update needs nothing else: the step's
+  key is fold_in(rng, step). Gradients are taken with respect to `trainable` only; `frozen`
+  (possibly bf16) is never differentiated. Metrics: loss, each head's loss, grad_norm,
+  param_norm, lr (all scalars, replicated).
+  """
   graphdef, mesh, rules = state.graphdef, state.mesh, state.rules
 
-  def step_fn(trainable, opt_state, frozen, batch, rng, step):
+  def step_fn(trainable, opt_state, frozen, batch, rng):
+    step = optim.step_count(opt_state)
     rng = jax.random.fold_in(rng, step)
 
     def loss_fn(tr):
-      with sharding.activation_rules(mesh, rules):
+      with sharding.activation_rules(mesh, rules), layers.remat_policy(remat):
         model = functional.merge(graphdef, functional.combine(tr, frozen))
         return model(batch, rng, train=True)
 
@@ -104,25 +163,64 @@ def make_train_step(state: ModelState, tx: optax.GradientTransformation, schedul
   return step_fn
 
 
+def batch_shardings(batch: dict, mesh, rules) -> dict:
+  return {k: sharding.batch_sharding(mesh, np.ndim(v), rules) for k, v in batch.items()}
+
+
+def jit_train_step(state: ModelState, tx, schedule, opt_shardings, batch_sh: dict, *,
+                   remat: str = "none"):
+  """make_train_step jitted with explicit in/out shardings, donating trainable and opt_state."""
+  replicated = jax.sharding.NamedSharding(state.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+      make_train_step(state, tx, schedule, remat=remat),
+      in_shardings=(state.trainable_shardings, opt_shardings, state.frozen_shardings, batch_sh,
+                    replicated),
+      out_shardings=(state.trainable_shardings, opt_shardings, replicated),
+      donate_argnums=(0, 1))
+
+
 def text_token_ids_from(data) -> dict:
-  return {k: np.asarray(v, np.int32) for k, v in data.text_token_ids.items()}
+  ids = {k: np.asarray(v, np.int32) for k, v in data.text_token_ids.items()}
+  ids["template_to_attribute"] = np.asarray(data.template_to_attribute, np.int32)
+  return ids
 
 
-def _install_signal_handlers(flag: dict) -> None:
+def _install_signal_handlers(flag: dict) -> dict:
+  """SIGTERM / SIGINT only set a flag; the loop saves and exits. Returns the previous handlers."""
   def handler(signum, _frame):
     flag["stop"] = signum
+  previous = {}
   for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, handler)
+    previous[sig] = signal.signal(sig, handler)
+  return previous
 
 
 def initialize_distributed(config) -> None:
+  """jax.distributed from config.distributed, else the DYNREFER_* environment variables.
+
+  coordinator_address '' → $DYNREFER_COORDINATOR (else JAX's own cluster detection);
+  num_processes 0 → $DYNREFER_NUM_PROCESSES; process_id -1 → $DYNREFER_PROCESS_ID.
+  """
   d = config.distributed
-  if not d.enabled:
-    return
   address = d.coordinator_address or os.environ.get("DYNREFER_COORDINATOR", "")
-  nproc = d.num_processes or int(os.environ.get("DYNREFER_NUM_PROCESSES", "1"))
-  pid = d.process_id if d.process_id >= 0 else int(os.environ.get("DYNREFER_PROCESS_ID", "0"))
-  jax.distributed.initialize(coordinator_address=address, num_processes=nproc, process_id=pid)
+  if not (d.enabled or address):
+    return
+  if jax.distributed.is_initialized():
+    return
+  nproc = d.num_processes or int(os.environ.get("DYNREFER_NUM_PROCESSES", "0")) or None
+  pid = d.process_id if d.process_id >= 0 else os.environ.get("DYNREFER_PROCESS_ID")
+  pid = None if pid is None else int(pid)
+  jax.distributed.initialize(coordinator_address=address or None, num_processes=nproc,
+                             process_id=pid)
+
+
+def _load_model_init(state: ModelState, path: str, config) -> None:
+  """config.model_init: converted weights (checkpoint.save_params) onto the state's shardings."""
+  target = functional.combine(
+      ckpt_lib.abstract_with_shardings(state.trainable, state.trainable_shardings),
+      ckpt_lib.abstract_with_shardings(state.frozen, state.frozen_shardings))
+  params = ckpt_lib.load_params(path, target)
+  state.trainable, state.frozen = functional.partition(params, *trainable_patterns(config))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
@@ -137,19 +235,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
   data = data or data_setup.prepare(config, workdir)
   data_setup.resolve_vocab(config, data)
 
-  state = build_model(config, text_token_ids_from(data), mesh)
+  token_ids = text_token_ids_from(data)
+  state = build_model(config, token_ids, mesh)
+  if config.model_init:
+    _load_model_init(state, config.model_init, config)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)
   total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
-  tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch,
-                                      total_steps)
-  opt_state = jax.jit(tx.init)(state.trainable)
-  # Moments follow their parameters' shardings; scalars (counts) are replicated on the mesh.
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_shardings = jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated,
-      opt_state)
-  opt_state = jax.device_put(opt_state, opt_shardings)
-  rng = jax.random.key_data(jax.random.key(config.seed))
+  tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch)
+  opt_state, opt_shardings = init_optimizer(tx, state)
+  rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.train.keep_checkpoints,
@@ -159,30 +254,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
                                                             state.trainable_shardings),
               "opt_state": ckpt_lib.abstract_with_shardings(opt_state, opt_shardings),
               "step": jax.ShapeDtypeStruct((), jnp.int32),
-              "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype)}
-  restored = checkpointer.restore(abstract)
+              "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rng.sharding)}
+  restored, source = checkpointer.restore(abstract), checkpointer.directory
   if restored is None and config.resume:
-    restored = ckpt_lib.Checkpointer(config.resume, async_save=False).restore(abstract)
+    restored, source = ckpt_lib.Checkpointer(config.resume, async_save=False).restore(abstract), \
+        config.resume
   if restored is not None:
-    start_step, st, _meta = restored
+    _, st, meta = restored
     state.trainable, opt_state, rng = st["trainable"], st["opt_state"], st["rng"]
-    start_step = int(st["step"])
+    start_step = int(meta.get("data_step", int(st["step"])))
     if is_main:
-      print(f"resumed from step {start_step}", flush=True)
+      print(f"resumed from step {start_step} ({source})", flush=True)
 
-  batch_shape = {k: np.asarray(v) for k, v in data.example_batch().items()}
-  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim, state.rules)
-                     for k, v in batch_shape.items()}
-  step_fn = jax.jit(
-      make_train_step(state, tx, schedule),
-      in_shardings=(state.trainable_shardings, opt_shardings, state.frozen_shardings,
-                    batch_shardings, None, None),
-      out_shardings=(state.trainable_shardings, opt_shardings, None),
-      donate_argnums=(0, 1))
+  example = {k: np.asarray(v) for k, v in data.example_batch().items()}
+  step_fn = jit_train_step(state, tx, schedule, opt_shardings,
+                           batch_shardings(example, mesh, state.rules),
+                           remat=config.model.get("remat", "none"))
+  region_flops = flops_lib.flops_per_region(config.model, token_ids["tags"].shape[0])["total"]
 
   writer = MetricsWriter(workdir, enabled=is_main)
   stop = {"stop": None}
-  _install_signal_handlers(stop)
+  previous_handlers = _install_signal_handlers(stop)
   it = data.train_iterator(start_step=start_step)
   first_loss = last_loss = None
   bar = None
@@ -193,28 +285,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
   t_start = time.time()
   t_log, n_log = time.time(), 0
   step = start_step
-  pending = None
   compile_s = None
   try:
     while step < total_steps:
       batch = sharding.host_to_global(next(it), mesh, state.rules)
       t0 = time.time()
       new_trainable, new_opt_state, metrics = step_fn(state.trainable, opt_state, state.frozen,
-                                                       batch, rng, jnp.int32(step))
-      if compile_s is None:
-        jax.block_until_ready(metrics["loss"])
-        compile_s = time.time() - t0
+                                                       batch, rng)
       step += 1
       n_log += 1
+      if compile_s is None:  # the first step (compile included) is left out of the rates
+        jax.block_until_ready(metrics["loss"])
+        compile_s = time.time() - t0
+        t_log, n_log = time.time(), 0
       state.trainable, opt_state = new_trainable, new_opt_state
+      must_save = (step % config.train.checkpoint_every == 0 or step == total_steps
+                   or bool(stop["stop"]))
       if step % config.train.log_every == 0 or step == total_steps or step == start_step + 1:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(m["loss"]):
-          raise TrainingError(f"non-finite loss {m['loss']} at step {step}; the last good "
-                              f"checkpoint is kept in {checkpointer.directory}")
-        dt = time.time() - t_log
-        m["steps_per_s"] = n_log / max(dt, 1e-9)
-        m["regions_per_s"] = m["steps_per_s"] * config.train.batch_size
+        _check_finite(m["loss"], step, checkpointer)
+        if n_log:
+          dt = time.time() - t_log
+          m["step_time_s"] = dt / n_log
+          m["regions_per_s"] = n_log * config.train.batch_size / max(dt, 1e-9)
+          m["tflops_per_s"] = m["regions_per_s"] * region_flops / 1e12
+        else:
+          m["compile_s"] = compile_s
         t_log, n_log = time.time(), 0
         first_loss = m["loss"] if first_loss is None else first_loss
         last_loss = m["loss"]
@@ -222,16 +318,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
         if bar is not None:
           bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['loss_lm']:.3f}",
                           tag=f"{m['loss_tag']:.2f}", rtc=f"{m['loss_rtc']:.3f}",
-                          rps=f"{m['regions_per_s']:.0f}")
+                          rps=f"{m.get('regions_per_s', 0.0):.1f}")
+      elif must_save:
+        _check_finite(float(metrics["loss"]), step, checkpointer)
       if bar is not None:
         bar.update(1)
-      if step % config.train.checkpoint_every == 0 or step == total_steps or stop["stop"]:
-        _save(checkpointer, step, state, opt_state, rng, data, config, force=bool(stop["stop"]))
+      if must_save:
+        _save(checkpointer, step, state, opt_state, rng, config, force=bool(stop["stop"]))
       if stop["stop"]:
         if is_main:
           print(f"received signal {stop['stop']}: saved step {step}, exiting", flush=True)
         break
   finally:
+    for sig, h in previous_handlers.items():
+      signal.signal(sig, h)
     if bar is not None:
       bar.close()
     checkpointer.close()
@@ -240,13 +340,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
              "start_step": start_step, "train_seconds": time.time() - t_start,
              "compile_seconds": compile_s, "stopped_by_signal": stop["stop"]}
   if is_main:
-    with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=1)
+    ckpt_lib.atomic_write_json(os.path.join(workdir, "train_summary.json"), summary)
   return summary
 
 
-def _save(checkpointer, step, state, opt_state, rng, data, config, *, force=False):
-  meta = {"data_step": int(step), "frozen_source": config.model_init or "random init",
+def _check_finite(loss: float, step: int, checkpointer) -> None:
+  if not np.isfinite(loss):
+    raise TrainingError(f"non-finite loss {loss} at step {step}; the last good checkpoint "
+                        f"(step {checkpointer.latest_step()}) is kept in {checkpointer.directory}")
+
+
+def _save(checkpointer, step, state, opt_state, rng, config, *, force=False):
+  meta = {"data_step": int(step),
+          "frozen_source": config.model_init or f"random init (seed {config.seed})",
+          "process_count": jax.process_count(),
           "config": json.loads(config.to_json_best_effort())}
   checkpointer.save(step, {"trainable": state.trainable, "opt_state": opt_state,
                            "step": jnp.int32(step), "rng": rng}, meta, force=force)

@@ -248,7 +248,7 @@ class VisionTransformer(nnx.Module):
     if self.ln_pre is not None:
       x = self.ln_pre(x)
     for block in self.blocks:
-      x = block(x)
+      x = layers.call_block(block, x)
     if self.ln_post is not None:
       x = self.ln_post(x)
     return x

@@ -11,11 +11,15 @@ activations are channels-last (`[B, H, W, C]`, `[B, L, C]`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dynrefer_jax import sharding
 
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
@@ -144,3 +148,48 @@ def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, deterministic: boo
     return x
   keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+# --- rematerialisation -----------------------------------------------------------------------
+
+# config.model.remat → what a transformer block keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,                                               # keep everything (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,           # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,            # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_REMAT: contextvars.ContextVar = contextvars.ContextVar("dynrefer_remat", default="none")
+
+
+@contextlib.contextmanager
+def remat_policy(name: str):
+  """Within this context, `call_block` rematerialises blocks by the named policy."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}: one of {sorted(REMAT_POLICIES)}")
+  token = _REMAT.set(name)
+  try:
+    yield
+  finally:
+    _REMAT.reset(token)
+
+
+def call_block(block: nnx.Module, x: jax.Array, *args, **kwargs) -> jax.Array:
+  """block(x, *args, **kwargs) at a block boundary: rematerialised by the active policy
+  (`remat_policy`), and the output float[B, L, C] constrained to ('batch', None, 'embed').
+
+  Python scalars among kwargs (train=..., rates) stay static; arrays, None and nnx.Rngs are
+  passed through the remat boundary.
+  """
+  name = _REMAT.get()
+  if name == "none":
+    y = block(x, *args, **kwargs)
+  else:
+    static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))}
+    dynamic = {k: v for k, v in kwargs.items() if k not in static}
+
+    def run(blk, x, args, dynamic):
+      return blk(x, *args, **dynamic, **static)
+    policy = REMAT_POLICIES[name]
+    y = nnx.remat(run, policy=policy, prevent_cse=True)(block, x, args, dynamic)
+  return sharding.constrain(y, ("batch",) + (None,) * (y.ndim - 2) + ("embed",))

@@ -127,5 +127,5 @@ class QFormer(nnx.Module):
     mask = None if encoder_mask is None else encoder_mask[:, None, None, :]
     h = layers.dropout(self.layernorm(queries), self.dropout, rngs, not train)
     for layer in self.layers:
-      h = layer(h, encoder, mask, train=train, rngs=rngs)
+      h = layers.call_block(layer, h, encoder, mask, train=train, rngs=rngs)
     return h

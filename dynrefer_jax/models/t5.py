@@ -240,7 +240,8 @@ class T5(nnx.Module):
     bias = self.encoder.position_bias(pos, pos)
     attn_mask = mask.astype(bool)[:, None, None, :]
     for block in self.encoder.layers:
-      x = block(x, self_bias=bias, self_mask=attn_mask, train=train, rngs=rngs)
+      x = layers.call_block(block, x, self_bias=bias, self_mask=attn_mask, train=train,
+                            rngs=rngs)
     return drop(self.encoder.final_norm(x))
 
   def decode(self, decoder_input_ids: jax.Array, encoder_states: jax.Array,
@@ -253,8 +254,8 @@ class T5(nnx.Module):
     bias = self.decoder.position_bias(pos, pos)
     causal = (pos[None, :] <= pos[:, None])[None, None]
     for block in self.decoder.layers:
-      x = block(x, self_bias=bias, self_mask=causal, enc=encoder_states,
-                enc_mask=encoder_mask.astype(bool), train=train, rngs=rngs)
+      x = layers.call_block(block, x, self_bias=bias, self_mask=causal, enc=encoder_states,
+                            enc_mask=encoder_mask.astype(bool), train=train, rngs=rngs)
     return self.logits(drop(self.decoder.final_norm(x)))
 
   def __call__(self, inputs_embeds: jax.Array, mask: jax.Array, labels: jax.Array,

@@ -60,7 +60,7 @@ class TextTransformer(nnx.Module):
     x = x + self.positional_embedding[...][:length].astype(dtype)
     causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
     for block in self.blocks:
-      x = block(x, causal)
+      x = layers.call_block(block, x, causal)
     x = self.ln_final(x)
     if self.eot_token_id is None:
       eot = jnp.argmax(tokens, axis=-1)
