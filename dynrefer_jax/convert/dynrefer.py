@@ -1,0 +1,369 @@
+"""The whole DynRefer model from the released files (SPEC §13, CHECKPOINTS.md §1-§6).
+
+    states = load_sources(Sources(dynrefer=..., eva_vit=..., blip2=..., t5=..., eva_clip=...))
+    flat = convert_full(states, expected_shapes_without_tables)
+
+Which file fills which part (CHECKPOINTS.md §6; later rows override earlier ones):
+
+| our path | source |
+|---|---|
+| `visual_encoder/*` | `eva_vit_g.pth` (blocks beyond the depth, final norm and head dropped) |
+| `ln_vision/*`, `query_tokens` | `blip2_pretrained_flant5xl.pth` (`model` entry) |
+| `Qformer/*`, `t5_proj/*` | the DynRefer `.pth` (they override BLIP-2's; BLIP-2's copies are not read) |
+| `cvem_*`, `cem_memory`, `tag_*`, `attr_*` | the DynRefer `.pth` |
+| `t5_model/*` | a Hugging Face flan-t5-xl directory (`*.safetensors` or `pytorch_model*.bin`) |
+| `text_encoder/*` | `eva_clip_psz14.pt` (`text.*`; its `visual.*` half is dropped) |
+| tables `clip_embeds`, `att_embeds`, `ov_embeds` | recomputed with the converted text tower (`compute_tables`) |
+
+The DynRefer file must hold every trainable parameter the model has (the original's name rule:
+`cvem`, `cem`, `tag`, `attr`, `Qformer`, `t5_proj`); its optimizer / scaler / config entries are
+never read. Files are read with `torch.load(weights_only=True)` or safetensors only. Every
+problem of every file is collected and raised as one `ConversionError`: missing files, then for
+each source its unmapped, unused, missing and mis-shaped keys.
+
+`ln_vision` is believed to be in the BLIP-2 file but this is unverified (CHECKPOINTS.md §2.2):
+when absent, LayerNorm's ones/zeros are used (what LAVIS would keep) and `notes` says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+from typing import Mapping
+
+import numpy as np
+
+from dynrefer_jax.convert import aligner as aligner_conv
+from dynrefer_jax.convert import eva_vit as vit_conv
+from dynrefer_jax.convert import qformer as qformer_conv
+from dynrefer_jax.convert import t5 as t5_conv
+from dynrefer_jax.convert import text_tower as text_conv
+from dynrefer_jax.convert.common import ConversionError, Rule, convert, load_state_dict
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+TABLES = ("clip_embeds", "att_embeds", "ov_embeds", "tag_token_ids", "att_token_ids",
+          "ov_token_ids", "att_template_owner")
+# The original's trainable-name rule (SPEC §9): what the DynRefer file holds.
+DYNREFER_OWNED = re.compile(r"^(cvem|cem|tag|attr|Qformer|t5_proj)")
+# Frozen modules a bare full state dict could also carry; their own files supply them.
+_FROZEN_PREFIXES = ("visual_encoder.", "ln_vision.", "query_tokens", "t5_model.",
+                    "text_encoder.", "clip_embeds", "att_embeds", "ov_embeds")
+
+
+def head_rules(name: str) -> list[Rule]:
+  """`{name}.encoder.layer.{i}.*` (BERT cross-attention-only layers, CHECKPOINTS §1.4) →
+  `models.heads.CrossAttentionLayer` names."""
+  layer = rf"{name}\.encoder\.layer\.(\d+)\."
+  out = f"{name}/layers/{{0}}/"
+  rules = []
+  for torch_name, ours in ((r"crossattention\.self\.(query|key|value)", "{1}"),
+                           (r"crossattention\.output\.dense", "attn_out"),
+                           (r"intermediate\.dense", "intermediate"),
+                           (r"output\.dense", "output")):
+    rules.append(Rule(layer + torch_name + r"\.weight", out + ours + "/kernel", "linear"))
+    rules.append(Rule(layer + torch_name + r"\.bias", out + ours + "/bias"))
+  for torch_name, ours in ((r"crossattention\.output\.LayerNorm", "attn_ln"),
+                           (r"output\.LayerNorm", "output_ln")):
+    rules.append(Rule(layer + torch_name + r"\.weight", out + ours + "/scale"))
+    rules.append(Rule(layer + torch_name + r"\.bias", out + ours + "/bias"))
+  return rules
+
+
+HEAD_RULES = [
+    *head_rules("tag_head"), *head_rules("attr_head"),
+    Rule(r"(tag|attr)_(vision_proj|text_proj|fc)\.weight", "{0}_{1}/kernel", "linear"),
+    Rule(r"(tag|attr)_(vision_proj|text_proj|fc)\.bias", "{0}_{1}/bias"),
+    Rule(r"attr_(t|b)", "attr_{0}", "scalar"),
+    *t5_conv.dynrefer_rules(),
+]
+
+
+def _sub(expected: Shapes, prefix: str, strip: bool = True) -> dict[str, tuple[int, ...]]:
+  return {(k[len(prefix):] if strip else k): v for k, v in expected.items()
+          if k.startswith(prefix)}
+
+
+def _prefixed(flat: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  return {prefix + k: v for k, v in flat.items()}
+
+
+class _Problems:
+  """Collects ConversionErrors of several converters into one."""
+
+  def __init__(self):
+    self.items: list[str] = []
+
+  def run(self, fn, *args, **kw) -> dict:
+    try:
+      return fn(*args, **kw)
+    except ConversionError as e:
+      self.items.append(str(e))
+      return {}
+
+  def raise_if_any(self) -> None:
+    if self.items:
+      raise ConversionError("; ".join(self.items))
+
+
+def convert_dynrefer_file(sd: Mapping[str, np.ndarray], expected: Shapes) -> dict[str, np.ndarray]:
+  """The released DynRefer `model` dict → {our path: array} for every trainable module.
+
+  expected: the model's full {path: shape} (tables excluded); the paths of the original's
+  trainable modules are filled, and all must be present in `sd`.
+  """
+  problems = _Problems()
+  unknown = sorted(k for k in sd if not DYNREFER_OWNED.match(k)
+                   and not k.startswith(_FROZEN_PREFIXES))
+  if unknown:
+    problems.items.append(f"cannot convert DynRefer checkpoint: {len(unknown)} unmapped source "
+                          "keys: " + ", ".join(unknown))
+  out = {}
+  out.update(problems.run(aligner_conv.convert_cvem, sd, _sub(expected, "cvem_", strip=False)))
+  qf = problems.run(qformer_conv.convert_qformer_lavis,
+                    {k: v for k, v in sd.items() if k.startswith("Qformer.")},
+                    _sub(expected, "Qformer/"))
+  out.update(_prefixed(qf, "Qformer/"))
+  head_keys = {k: v for k, v in sd.items()
+               if DYNREFER_OWNED.match(k) and not k.startswith(("cvem_", "Qformer."))}
+  head_expected = {k: v for k, v in expected.items()
+                   if DYNREFER_OWNED.match(k) and not k.startswith(("cvem_", "Qformer/"))}
+  out.update(problems.run(convert, head_keys, HEAD_RULES, head_expected,
+                          source_name="DynRefer checkpoint (heads, t5_proj, cem_memory)"))
+  problems.raise_if_any()
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """Paths of the five released files (SPEC §13)."""
+  dynrefer: str        # vg1.2_5e.pth / refcocog_ft.pth
+  eva_vit: str         # eva_vit_g.pth
+  blip2: str           # blip2_pretrained_flant5xl.pth
+  t5: str              # a Hugging Face google/flan-t5-xl directory
+  eva_clip: str        # eva_clip_psz14.pt (or a file with only its text.* keys)
+
+
+def _t5_files(path: str) -> list[str]:
+  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  return files or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+
+
+def check_sources(sources: Sources) -> None:
+  """Raises FileNotFoundError listing every missing file at once (before anything is read)."""
+  missing = []
+  for field in dataclasses.fields(sources):
+    path = getattr(sources, field.name)
+    if field.name == "t5":
+      if not os.path.isdir(path):
+        missing.append(f"--{field.name}: {path} (a Hugging Face flan-t5-xl directory)")
+      elif not _t5_files(path):
+        missing.append(f"--{field.name}: no *.safetensors or pytorch_model*.bin in {path}")
+    elif not os.path.isfile(path):
+      missing.append(f"--{field.name.replace('_', '-')}: {path}")
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} missing file(s): " + "; ".join(missing))
+
+
+def load_sources(sources: Sources) -> dict[str, dict[str, np.ndarray]]:
+  """Reads every file as {key: numpy array} (weights only; LAVIS dicts unwrapped at `model`)."""
+  check_sources(sources)
+  t5_sd: dict[str, np.ndarray] = {}
+  for f in _t5_files(sources.t5):
+    t5_sd.update(load_state_dict(f))
+  return {"dynrefer": load_state_dict(sources.dynrefer, key="model"),
+          "eva_vit": load_state_dict(sources.eva_vit, key="model"),
+          "blip2": load_state_dict(sources.blip2, key="model"),
+          "t5": t5_sd,
+          "eva_clip": load_state_dict(sources.eva_clip)}
+
+
+def convert_full(states: Mapping[str, Mapping[str, np.ndarray]], expected: Shapes
+                 ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """All five sources → ({our path: array} for every non-table parameter, notes).
+
+  states: {"dynrefer", "eva_vit", "blip2", "t5", "eva_clip"}: flat state dicts.
+  expected: {path: shape} of the model without its tables (see TABLES).
+  """
+  problems = _Problems()
+  notes: list[str] = []
+  out: dict[str, np.ndarray] = {}
+  owners = ("visual_encoder/", "ln_vision/", "query_tokens", "t5_model/", "text_encoder/")
+  leftover = sorted(k for k in expected
+                    if not k.startswith(owners) and not DYNREFER_OWNED.match(k))
+  if leftover:
+    raise ConversionError(f"the model has parameters no source provides: {', '.join(leftover)}")
+
+  out.update(_prefixed(problems.run(vit_conv.convert_lavis_eva_vit, states["eva_vit"],
+                                    _sub(expected, "visual_encoder/")), "visual_encoder/"))
+
+  blip2 = {k: v for k, v in states["blip2"].items()
+           if k == "query_tokens" or k.startswith("ln_vision.")}
+  blip2_expected = {k: v for k, v in expected.items()
+                    if k == "query_tokens" or k.startswith("ln_vision/")}
+  out.update(problems.run(qformer_conv.convert_qformer_lavis, blip2, blip2_expected))
+  if "ln_vision/scale" in expected and "ln_vision.weight" not in blip2:
+    notes.append("ln_vision absent from the BLIP-2 file: LayerNorm ones/zeros used, as LAVIS")
+    out["ln_vision/scale"] = np.ones(expected["ln_vision/scale"], np.float32)
+    out["ln_vision/bias"] = np.zeros(expected["ln_vision/bias"], np.float32)
+
+  out.update(problems.run(convert_dynrefer_file, states["dynrefer"], expected))
+  out.update(_prefixed(problems.run(t5_conv.convert_t5, states["t5"], _sub(expected, "t5_model/"),
+                                    source_name="flan-t5 directory"), "t5_model/"))
+  out.update(_prefixed(problems.run(text_conv.convert_eva_clip_text, states["eva_clip"],
+                                    _sub(expected, "text_encoder/")), "text_encoder/"))
+  problems.raise_if_any()
+  return out, notes
+
+
+def compute_tables(text_config: Mapping, text_params: dict, token_ids: Mapping[str, np.ndarray],
+                   *, chunk: int = 512) -> dict[str, np.ndarray]:
+  """The frozen text-embedding tables from the converted text tower (SPEC §7a-b).
+
+  text_config: config.model.text; text_params: the nested `text_encoder` parameters;
+  token_ids: {"tags", "attributes", "classes"}: int[N, L]. Returns {"clip_embeds",
+  "att_embeds", "ov_embeds"}: float32[N, output_dim].
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.models import text_tower  # pylint: disable=import-outside-toplevel
+  graphdef, _, _ = functional.abstract_split(
+      lambda: text_tower.TextTransformer(**dict(text_config), rngs=nnx.Rngs(0)))
+  run = jax.jit(lambda p, ids: functional.merge(graphdef, p)(ids))
+  out = {}
+  for name, key in (("clip_embeds", "tags"), ("att_embeds", "attributes"),
+                    ("ov_embeds", "classes")):
+    ids = np.asarray(token_ids[key], np.int32)
+    parts = []
+    for i in range(0, len(ids), chunk):
+      part = ids[i:i + chunk]
+      pad = chunk - len(part) if len(ids) > chunk else 0  # one compiled shape per table
+      padded = np.concatenate([part, np.repeat(part[:1], pad, 0)]) if pad else part
+      parts.append(np.asarray(run(text_params, padded), np.float32)[:len(part)])
+    out[name] = np.concatenate(parts)
+  return out
+
+
+# ------------------------------------------------------------------------ whole conversion
+
+def read_names(path: str, what: str) -> list[str]:
+  """Class / tag names from a text file (one per line) or JSON (a list of strings, a list of
+  {"name"} records, {"categories": [...]}, or {id: name})."""
+  import json  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} file not found: {path}")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if path.endswith(".json"):
+    obj = json.loads(text)
+    if isinstance(obj, dict):
+      obj = obj.get("categories", obj.get(what, obj))
+    if isinstance(obj, dict):
+      obj = [obj[k] for k in sorted(obj, key=lambda k: int(k) if str(k).isdigit() else k)]
+    names = [o["name"] if isinstance(o, dict) else str(o) for o in obj]
+  else:
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+  if not names:
+    raise ValueError(f"{what} file {path} holds no names")
+  return names
+
+
+def build_vocab(tags: list[str], ovad_attributes: list[dict], categories: list[str]) -> dict:
+  """The texts of the three tables (SPEC §7a-b): raw tag strings, OVAD templates, "the {class}"."""
+  from dynrefer_jax.evaluators import attributes as attr_lib  # pylint: disable=import-outside-toplevel
+  templates, owner = attr_lib.ovad_templates(ovad_attributes)
+  return {"tags": list(tags), "attributes": [a["name"] for a in ovad_attributes],
+          "attribute_freq": [a.get("freq_set", "") for a in ovad_attributes],
+          "attribute_templates": templates, "template_to_attribute": owner.tolist(),
+          "categories": list(categories),
+          "class_prompts": [f"the {c.lower()}" for c in categories]}
+
+
+def tokenize_vocab(vocab: dict, context_length: int, bpe_path: str | None = None
+                   ) -> dict[str, np.ndarray]:
+  """CLIP BPE token ids of the three tables' texts."""
+  from dynrefer_jax.tokenizers import clip_bpe  # pylint: disable=import-outside-toplevel
+  tok = clip_bpe.ClipTokenizer(bpe_path)
+  return {"tags": tok(vocab["tags"], context_length),
+          "attributes": tok(vocab["attribute_templates"], context_length),
+          "classes": tok(vocab["class_prompts"], context_length)}
+
+
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json")
+
+
+def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping[str, np.ndarray],
+                       out_dir: str, *, log=print) -> dict:
+  """Writes `out_dir`: checkpoints/ (Orbax, step 0, {"params": every variable of the model,
+  tables included}), vocab.json, tokenizer/ (copied from the T5 directory) and conversion.json.
+
+  config: a full config (config.model sizes it, config.sharding places it). vocab: from
+  build_vocab. token_ids: {"tags", "attributes", "classes"} int[N, L] (tokenize_vocab).
+  Returns the report written to conversion.json.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import checkpoint as ckpt_lib, functional, sharding  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.models import dynrefer as dynrefer_lib  # pylint: disable=import-outside-toplevel
+
+  check_sources(sources)
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"output directory is not empty: {out_dir}")
+  ids = {k: np.asarray(v, np.int32) for k, v in token_ids.items()}
+  ids["template_to_attribute"] = np.asarray(vocab["template_to_attribute"], np.int32)
+  graphdef, abstract, axes = functional.abstract_split(
+      lambda: dynrefer_lib.DynRefer(config.model, ids, rngs=nnx.Rngs(0)))
+  del graphdef
+  flat_abstract = functional.flatten(abstract)
+  expected = {k: tuple(v.shape) for k, v in flat_abstract.items() if k not in TABLES}
+
+  log(f"reading {', '.join(f'{f.name}={getattr(sources, f.name)}' for f in dataclasses.fields(sources))}")
+  states = load_sources(sources)
+  flat, notes = convert_full(states, expected)
+  del states
+  log(f"converted {len(flat)} arrays; computing the text tables")
+  text_params = functional.unflatten({k[len("text_encoder/"):]: v for k, v in flat.items()
+                                      if k.startswith("text_encoder/")})
+  tables = compute_tables(config.model.text, text_params, ids)
+  flat.update(tables)
+  flat.update({"tag_token_ids": ids["tags"], "att_token_ids": ids["attributes"],
+               "ov_token_ids": ids["classes"], "att_template_owner": ids["template_to_attribute"]})
+  missing = sorted(set(flat_abstract) - set(flat))
+  if missing:  # convert_full checks everything else; a new table would land here
+    raise ConversionError(f"nothing fills: {', '.join(missing)}")
+
+  mesh = sharding.make_mesh(dict(config.sharding.mesh))
+  shardings = functional.flatten(sharding.tree_shardings(
+      abstract, axes, mesh, [tuple(r) for r in config.sharding.rules]))
+  placed = {k: jax.device_put(np.asarray(flat[k]).astype(a.dtype), shardings[k])
+            for k, a in flat_abstract.items()}
+  os.makedirs(out_dir, exist_ok=True)
+  report = {"kind": "converted DynRefer", "sources": dataclasses.asdict(sources),
+            "notes": notes, "parameters": int(sum(np.size(v) for v in flat.values())),
+            "trainable_parameters": int(sum(np.size(v) for k, v in flat.items()
+                                            if DYNREFER_OWNED.match(k) and k not in TABLES)),
+            "model_config": json.loads(config.model.to_json_best_effort())}
+  ck = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
+  ck.save(0, {"params": functional.unflatten(placed)}, report, force=True)
+  ck.close()
+  tok_dir = os.path.join(out_dir, "tokenizer")
+  copied = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(sources.t5, f))]
+  if copied:
+    os.makedirs(tok_dir, exist_ok=True)
+    for f in copied:
+      shutil.copyfile(os.path.join(sources.t5, f), os.path.join(tok_dir, f))
+  else:
+    notes.append(f"no tokenizer files in {sources.t5}: put the flan-t5 tokenizer in {tok_dir}")
+  vocab = dict(vocab, text_len=int(ids["tags"].shape[1]))
+  for name, obj in (("vocab.json", vocab), ("conversion.json", report)):
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+  return report

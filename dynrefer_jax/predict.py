@@ -1,0 +1,488 @@
+r"""Predict captions, tags, attributes and categories for boxes in your own image.
+
+  python -m dynrefer_jax.predict --config configs/synthetic.py:smoke --checkpoint WORKDIR \
+      --image photo.jpg --box 10,20,200,180 [--box ...] [--views auto|0,0.3,0.6] [--out DIR]
+
+Prints the JSON (one object per box, schema in README.md "Predict") and writes DIR/<image>.json
+and DIR/<image>.png (the image with its numbered boxes and captions; below it, each region's
+views side by side). Bad input (a missing file, not an image, a degenerate / non-finite box or
+one outside the image, bad --views) is one line on stderr and exit code 2, checked before the
+model is loaded.
+
+Library use (the model is loaded and compiled once, then reused):
+
+    runner = Runner.load("configs/synthetic.py:smoke", "workdirs/smoke")
+    image = load_image("photo.jpg")                      # uint8[H, W, 3]; PredictError if bad
+    regions = runner.predict(image, [(10, 20, 200, 180)], views="auto")
+    annotate(image, regions).save("out.png")
+
+`checkpoint_dir` is a training workdir (its `checkpoints/` are restored; the synthetic world's
+vocabulary comes from its `data/`) or a directory written by tools/convert_checkpoint.py (full
+parameters, `vocab.json`, `tokenizer/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+TOP_ATTRIBUTES = 5
+
+
+class PredictError(ValueError):
+  """Bad user input; the message is one line naming the problem."""
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+def load_image(path: str) -> np.ndarray:
+  """uint8[H, W, 3] RGB. Raises PredictError for a missing file or one that is not an image."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise PredictError(f"image not found: {path}")
+  if not os.path.isfile(path):
+    raise PredictError(f"not a file: {path}")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      arr = np.asarray(im.convert("RGB"), np.uint8)
+  except UnidentifiedImageError:
+    raise PredictError(f"not an image (unrecognised format): {path}") from None
+  except (OSError, ValueError) as e:
+    raise PredictError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+  if arr.shape[0] < 1 or arr.shape[1] < 1:
+    raise PredictError(f"empty image: {path}")
+  return arr
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+  """'x1,y1,x2,y2' → 4 floats (validity is checked by validate_boxes)."""
+  parts = text.split(",")
+  if len(parts) != 4:
+    raise PredictError(f"--box expects x1,y1,x2,y2 (4 numbers), got {text!r}")
+  try:
+    return tuple(float(p) for p in parts)  # type: ignore[return-value]
+  except ValueError:
+    raise PredictError(f"--box expects x1,y1,x2,y2 (4 numbers), got {text!r}") from None
+
+
+def _fmt(box) -> str:
+  return "(" + ", ".join(f"{v:g}" for v in box) + ")"
+
+
+def validate_boxes(boxes: Sequence[Sequence[float]], image_hw: tuple[int, int]) -> np.ndarray:
+  """float32[N, 4] x1,y1,x2,y2 in pixels. PredictError naming the first bad box (1-based):
+  none given, not 4 numbers, non-finite, degenerate (x2 <= x1 or y2 <= y1), outside the image."""
+  h, w = int(image_hw[0]), int(image_hw[1])
+  if len(boxes) == 0:
+    raise PredictError("no boxes given: pass at least one --box x1,y1,x2,y2")
+  out = []
+  for i, box in enumerate(boxes, 1):
+    try:
+      b = np.asarray(box, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+      raise PredictError(f"box {i} {box!r}: expected 4 numbers x1,y1,x2,y2") from None
+    if b.size != 4:
+      raise PredictError(f"box {i} {box!r}: expected 4 numbers x1,y1,x2,y2, got {b.size}")
+    if not np.all(np.isfinite(b)):
+      raise PredictError(f"box {i} {_fmt(b)}: coordinates must be finite numbers")
+    x1, y1, x2, y2 = b
+    if x2 <= x1 or y2 <= y1:
+      raise PredictError(f"box {i} {_fmt(b)} is degenerate: need x2 > x1 and y2 > y1")
+    if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+      raise PredictError(f"box {i} {_fmt(b)} lies outside the {w}x{h} image "
+                         f"(x in [0, {w}], y in [0, {h}])")
+    out.append(b)
+  return np.asarray(out, np.float32)
+
+
+def parse_views(spec: str | Sequence[float] | None, num_views: int) -> str | tuple[float, ...]:
+  """'auto' (pHash selection, SPEC §8) or num_views values t in [0, 1] ('0,0.3,0.6')."""
+  if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
+    return "auto"
+  if isinstance(spec, str):
+    try:
+      ts = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+      raise PredictError(f"--views expects 'auto' or {num_views} comma-separated t values in "
+                         f"[0, 1], got {spec!r}") from None
+  else:
+    ts = tuple(float(v) for v in spec)
+  if len(ts) != num_views:
+    raise PredictError(f"--views: this model uses {num_views} views, got {len(ts)} t values "
+                       f"({','.join(f'{t:g}' for t in ts)})")
+  if not all(math.isfinite(t) and 0.0 <= t <= 1.0 for t in ts):
+    raise PredictError(f"--views: every t must be a number in [0, 1], got "
+                       f"{','.join(f'{t:g}' for t in ts)}")
+  return ts
+
+
+def prepare_image(image: np.ndarray, boxes: np.ndarray, size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+  """As the eval pipeline: shrink so the longer side is <= size (aspect kept, bilinear with
+  antialiasing), scale the boxes with it, zero-pad bottom/right to size×size.
+
+  Returns (uint8[size, size, 3], int32[2] true (h, w), float32[N, 4] boxes, scale)."""
+  h, w = image.shape[:2]
+  scale = min(1.0, size / max(h, w))
+  if scale < 1.0:
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    nh, nw = (min(size, max(1, int(round(v * scale)))) for v in (h, w))
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), np.uint8)
+    sy, sx = nh / h, nw / w
+  else:
+    nh, nw, sy, sx = h, w, 1.0, 1.0
+  padded = np.zeros((size, size, 3), np.uint8)
+  padded[:nh, :nw] = image
+  scaled = boxes * np.asarray([sx, sy, sx, sy], np.float32)
+  return padded, np.asarray([nh, nw], np.int32), scaled.astype(np.float32), scale
+
+
+def view_boxes_in_image(box: np.ndarray, image_hw: tuple[int, int], ts: Sequence[float]
+                        ) -> list[list[int]]:
+  """Integer crop boxes box(t) = b + t·(I − b), clipped and truncated (SPEC §2), image pixels."""
+  h, w = image_hw
+  full = np.asarray([0, 0, w, h], np.float64)
+  out = []
+  for t in ts:
+    v = np.asarray(box, np.float64) + float(t) * (full - box)
+    v = np.clip(v, 0, [w, h, w, h]).astype(np.int64)
+    v[2:] = np.maximum(v[2:], v[:2] + 1)
+    out.append([int(x) for x in v])
+  return out
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+@dataclasses.dataclass
+class Vocab:
+  """What the predictor needs besides the parameters (duck-types data.setup.Data for
+  inference.Predictor)."""
+  tokenizer: Any
+  tag_names: list[str]
+  attribute_names: list[str]
+  category_names: list[str]
+  template_to_attribute: np.ndarray
+  text_token_ids: dict            # {"tags", "attributes", "classes"}: int[N, L]; and
+                                  # "template_to_attribute": int[T]
+
+  @classmethod
+  def from_data(cls, data) -> "Vocab":
+    ids = {k: np.asarray(v, np.int32) for k, v in data.text_token_ids.items()}
+    ids["template_to_attribute"] = np.asarray(data.template_to_attribute, np.int32)
+    return cls(data.tokenizer, list(data.tag_names), list(data.attribute_names),
+               list(data.category_names), np.asarray(data.template_to_attribute), ids)
+
+  @classmethod
+  def from_converted(cls, root: str) -> "Vocab":
+    """vocab.json + tokenizer/ of a tools/convert_checkpoint.py directory. Token ids are
+    zeros of the right shape: the tables themselves are restored from the checkpoint."""
+    from dynrefer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+    with open(os.path.join(root, "vocab.json"), encoding="utf-8") as f:
+      v = json.load(f)
+    n = v["text_len"]
+    ids = {"tags": np.zeros((len(v["tags"]), n), np.int32),
+           "attributes": np.zeros((len(v["attribute_templates"]), n), np.int32),
+           "classes": np.zeros((len(v["categories"]), n), np.int32),
+           "template_to_attribute": np.asarray(v["template_to_attribute"], np.int32)}
+    return cls(tokenizer_lib.load_tokenizer(os.path.join(root, "tokenizer")), v["tags"],
+               v["attributes"], v["categories"], np.asarray(v["template_to_attribute"], np.int32),
+               ids)
+
+
+# ------------------------------------------------------------------------------- loading
+
+def checkpoint_root(path: str) -> tuple[str, str]:
+  """(root, orbax directory) for a workdir, its checkpoints/ or a converted directory."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return path, os.path.join(path, "checkpoints")
+  if os.path.isdir(path) and os.path.basename(path) == "checkpoints":
+    return os.path.dirname(path), path
+  raise PredictError(f"no checkpoint in {path}: expected a training workdir or a "
+                     "tools/convert_checkpoint.py output (a directory holding checkpoints/)")
+
+
+def is_converted(root: str) -> bool:
+  return os.path.isfile(os.path.join(root, "vocab.json"))
+
+
+def _abstract_model(config, vocab: Vocab):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import functional, sharding  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.models import dynrefer as dynrefer_lib  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(dict(config.sharding.mesh))
+  rules = [tuple(r) for r in config.sharding.rules]
+  build = lambda: dynrefer_lib.DynRefer(config.model, vocab.text_token_ids,
+                                        rngs=nnx.Rngs(config.seed))
+  graphdef, abstract, axes = functional.abstract_split(build)
+  shardings = sharding.tree_shardings(abstract, axes, mesh, rules)
+  return graphdef, abstract, shardings
+
+
+def _restore(ckdir: str, abstract: dict, item: str, partial: bool = True):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  ck = ckpt_lib.Checkpointer(ckdir, async_save=False)
+  try:
+    step = ck.latest_step()
+    if step is None:
+      raise PredictError(f"no checkpoint steps in {ckdir}")
+    out = ck.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore({item: abstract}, partial_restore=partial)))
+  finally:
+    ck.close()
+  return out["state"][item], step
+
+
+def load_params(config, checkpoint_dir: str, vocab: Vocab):
+  """(graphdef, params, step): restored straight onto the config's shardings.
+
+  A converted directory holds {"params": every variable, tables included}. A training workdir
+  holds {"trainable": ...}; the rest comes from `config.model_init` (a converted directory)
+  when the config freezes real weights, and the text tables are recomputed from the restored
+  text tower.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import checkpoint as ckpt_lib, functional  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  root, ckdir = checkpoint_root(checkpoint_dir)
+  graphdef, abstract, shardings = _abstract_model(config, vocab)
+  target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  if is_converted(root):
+    params, step = _restore(ckdir, target, "params")
+    return graphdef, params, step
+  patterns, excludes = train_lib.trainable_patterns(config)
+  ab_tr, ab_fr = functional.partition(target, patterns, excludes)
+  trainable, step = _restore(ckdir, ab_tr, "trainable")
+  table_re = excludes[0]
+  import re  # pylint: disable=import-outside-toplevel
+  frozen_flat = functional.flatten(ab_fr)
+  weights = {k: v for k, v in frozen_flat.items() if not re.search(table_re, k)}
+  frozen = {}
+  if weights:
+    init = config.get("model_init") or ""
+    if not init:
+      raise PredictError(f"{checkpoint_dir} holds only the trainable parameters and the config "
+                         "names no model_init (a converted checkpoint) for the frozen ones")
+    init_root, init_ck = checkpoint_root(init)
+    restored, _ = _restore(init_ck, functional.unflatten(weights), "params")
+    frozen = functional.flatten(restored)
+  ids = {"tag_token_ids": "tags", "att_token_ids": "attributes", "ov_token_ids": "classes",
+         "att_template_owner": "template_to_attribute"}
+  for k, v in frozen_flat.items():
+    if k in frozen:
+      continue
+    name = k.rsplit("/", 1)[-1]
+    value = (vocab.text_token_ids[ids[name]] if name in ids else np.zeros(v.shape, v.dtype))
+    frozen[k] = jax.device_put(jnp.asarray(value, v.dtype), v.sharding)
+  params = functional.combine(trainable, functional.unflatten(frozen))
+
+  def refresh(p):
+    model = functional.merge(graphdef, p)
+    model.refresh_tables()
+    return functional.split(model)[1]
+
+  params = jax.jit(refresh, out_shardings=shardings)(params)
+  return graphdef, params, step
+
+
+# --------------------------------------------------------------------------------- runner
+
+class Runner:
+  """A loaded model that predicts for (image, boxes) pairs; compiled once per view setting."""
+
+  def __init__(self, config, graphdef, params, vocab: Vocab, *, batch_size: int = 8,
+               step: int | None = None):
+    self.config, self.graphdef, self.params, self.vocab = config, graphdef, params, vocab
+    self.batch_size = batch_size
+    self.step = step
+    self._predictors: dict = {}
+
+  @classmethod
+  def load(cls, config_spec_or_config, checkpoint_dir: str, *, batch_size: int = 8,
+           overrides: Sequence[str] = ()) -> "Runner":
+    """config: a 'configs/x.py[:arg]' string or a ConfigDict; checkpoint_dir: see module doc."""
+    from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
+    config = (config_lib.load(config_spec_or_config, overrides)
+              if isinstance(config_spec_or_config, str) else config_spec_or_config)
+    root, _ = checkpoint_root(checkpoint_dir)
+    if is_converted(root):
+      vocab = Vocab.from_converted(root)
+    else:
+      from dynrefer_jax.data import setup as data_setup  # pylint: disable=import-outside-toplevel
+      data = data_setup.prepare(config, root)
+      data_setup.resolve_vocab(config, data)
+      vocab = Vocab.from_data(data)
+    graphdef, params, step = load_params(config, checkpoint_dir, vocab)
+    return cls(config, graphdef, params, vocab, batch_size=batch_size, step=step)
+
+  @property
+  def num_views(self) -> int:
+    return int(self.config.model.num_views)
+
+  def predictor(self, views: str | tuple[float, ...] = "auto"):
+    from dynrefer_jax.inference import Predictor  # pylint: disable=import-outside-toplevel
+    if views not in self._predictors:
+      fixed = None if views == "auto" else tuple(views)
+      self._predictors[views] = Predictor(self.graphdef, self.config, self.vocab,
+                                          fixed_ts=fixed)
+    return self._predictors[views]
+
+  def predict(self, image: np.ndarray, boxes: Sequence[Sequence[float]],
+              views: str | Sequence[float] = "auto") -> list[dict]:
+    """image uint8[H, W, 3]; boxes [(x1, y1, x2, y2)] in its pixels → one dict per box
+    (README.md "Predict" gives the schema). Raises PredictError for bad input."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+      raise PredictError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
+    boxes = validate_boxes(boxes, image.shape[:2])
+    views = parse_views(views if isinstance(views, str) else list(views), self.num_views)
+    size = int(self.config.data.max_image_size)
+    padded, hw, scaled, _ = prepare_image(image, boxes, size)
+    predictor = self.predictor(views)
+    n, bs = len(boxes), self.batch_size
+    results = []
+    for start in range(0, n, bs):
+      chunk = scaled[start:start + bs]
+      rows = len(chunk)
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - rows, 0)])  # one compiled shape
+      batch = {"image": np.broadcast_to(padded, (bs,) + padded.shape),
+               "image_hw": np.broadcast_to(hw, (bs, 2)), "box": chunk}
+      preds = predictor(self.params, batch)
+      for i in range(rows):
+        results.append(self._region(start + i, boxes[start + i], image.shape[:2], preds, i,
+                                    predictor.tag_threshold))
+    return results
+
+  def _region(self, index, box, image_hw, preds, i, tag_threshold) -> dict:
+    v = self.vocab
+    tag_scores = np.asarray(preds["tag_scores"][i], np.float64)
+    order = np.argsort(-tag_scores, kind="stable")
+    tags = [{"name": v.tag_names[k], "score": float(tag_scores[k])}
+            for k in order if tag_scores[k] > tag_threshold]
+    attr = np.asarray(preds["attribute_scores"][i], np.float64)
+    top = np.argsort(-attr, kind="stable")[:TOP_ATTRIBUTES]
+    cls_scores = np.asarray(preds["class_scores"][i], np.float64)
+    c = int(np.argmax(cls_scores))
+    ts = [round(float(t), 6) for t in np.asarray(preds["ts"][i])]
+    return {"index": index, "box": [float(x) for x in box],
+            "caption": preds["caption"][i], "caption_score": float(preds["caption_score"][i]),
+            "tags": tags,
+            "attributes": [{"name": v.attribute_names[k], "score": float(attr[k])} for k in top],
+            "category": {"name": v.category_names[c], "score": float(cls_scores[c])},
+            "views": ts, "view_boxes": view_boxes_in_image(np.asarray(box), image_hw, ts)}
+
+
+# ------------------------------------------------------------------------------ rendering
+
+_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+
+
+def annotate(image: np.ndarray, regions: Sequence[dict], *, thumb: int = 160):
+  """PIL.Image: the image with numbered boxes and captions, then one row per region with its
+  views (crops box(t), resized to `thumb` px) side by side."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
+  font = ImageFont.load_default()
+  src = Image.fromarray(np.asarray(image, np.uint8))
+  w, h = src.size
+  n_views = max((len(r["views"]) for r in regions), default=1)
+  width = max(w, n_views * (thumb + 8) + 8, 320)
+  line = 14
+  caption_block = line * (len(regions) + 1)
+  row_h = thumb + 2 * line + 8
+  canvas = Image.new("RGB", (width, h + caption_block + row_h * len(regions)), (255, 255, 255))
+  canvas.paste(src, (0, 0))
+  draw = ImageDraw.Draw(canvas)
+  for r in regions:
+    color = _COLORS[r["index"] % len(_COLORS)]
+    x1, y1, x2, y2 = r["box"]
+    draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=2)
+    draw.text((x1 + 3, y1 + 2), str(r["index"] + 1), fill=color, font=font)
+  y = h + 4
+  for r in regions:
+    color = _COLORS[r["index"] % len(_COLORS)]
+    draw.text((4, y), f"{r['index'] + 1}: {r['caption']} ({r['caption_score']:.2f}) "
+              f"[{r['category']['name']}]", fill=color, font=font)
+    y += line
+  y = h + caption_block
+  for r in regions:
+    color = _COLORS[r["index"] % len(_COLORS)]
+    draw.text((4, y), f"{r['index'] + 1}: views", fill=color, font=font)
+    for j, (t, vb) in enumerate(zip(r["views"], r["view_boxes"])):
+      crop = src.crop(tuple(vb)).resize((thumb, thumb), Image.BICUBIC)
+      x = 8 + j * (thumb + 8)
+      canvas.paste(crop, (x, y + line))
+      draw.rectangle([x, y + line, x + thumb - 1, y + line + thumb - 1], outline=color)
+      draw.text((x, y + line + thumb + 1), f"t={t:.1f}", fill=(0, 0, 0), font=font)
+    y += row_h
+  return canvas
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv[1:] if argv is None else argv)
+
+  class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too otherwise)
+      raise PredictError(message)
+
+  try:
+    rest, spec, overrides = config_lib.split_argv(argv)
+    p = _Parser(prog="python -m dynrefer_jax.predict")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training workdir or a tools/convert_checkpoint.py output")
+    p.add_argument("--image", required=True)
+    p.add_argument("--box", action="append", default=[], help="x1,y1,x2,y2 in pixels")
+    p.add_argument("--views", default="auto", help="'auto' (pHash) or t values, e.g. 0,0.3,0.6")
+    p.add_argument("--out", default="predictions", help="output directory")
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(rest)
+    if spec is None:
+      raise PredictError("--config=configs/<name>.py[:arg] is required")
+    config = config_lib.load(spec, overrides)
+    image = load_image(args.image)
+    boxes = validate_boxes([parse_box(b) for b in args.box], image.shape[:2])
+    views = parse_views(args.views, int(config.model.num_views))
+    checkpoint_root(args.checkpoint)
+    if args.batch_size < 1:
+      raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
+  except (PredictError, config_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  runner = Runner.load(config, args.checkpoint, batch_size=args.batch_size)
+  regions = runner.predict(image, boxes.tolist(), views)
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.splitext(os.path.basename(args.image))[0]
+  doc = {"image": os.path.abspath(args.image), "image_size": [image.shape[1], image.shape[0]],
+         "checkpoint_step": runner.step, "regions": regions}
+  text = json.dumps(doc, indent=1)
+  _atomic_write_bytes(os.path.join(args.out, stem + ".json"), text.encode())
+  buf = io.BytesIO()
+  annotate(image, regions).save(buf, format="PNG")
+  _atomic_write_bytes(os.path.join(args.out, stem + ".png"), buf.getvalue())
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
