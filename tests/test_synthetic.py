@@ -172,3 +172,34 @@ def test_ensure_reuses_and_regenerates(tmp_path):
   assert meta["seed"] == 2 and synthetic.load_meta(root)["seed"] == 2
   leftovers = [n for n in os.listdir(tmp_path) if n != "w"]
   assert leftovers == []
+
+
+def test_photo_like_scenes_partial_occlusion_and_distractors(world):
+  """Boxes of different objects overlap somewhere (later objects partially occlude earlier ones;
+  the sampler caps the overlap of their squares); same-category distractors occur; the background outside every box is textured, not
+  flat (texture + grain + lighting gradient)."""
+  data = _load(world, "train")
+  by_image = collections.defaultdict(list)
+  for a in data["annotations"]:
+    by_image[a["image_id"]].append(a)
+  overlapping = distractors = 0
+  for anns in by_image.values():
+    cats = collections.Counter(a["category"] for a in anns)
+    distractors += sum(n > 1 for n in cats.values())
+    for i, a in enumerate(anns):
+      ax, ay, aw, ah = a["bbox"]
+      for b in anns[i + 1:]:
+        bx, by, bw, bh = b["bbox"]
+        iw = min(ax + aw, bx + bw) - max(ax, bx)
+        ih = min(ay + ah, by + bh) - max(ay, by)
+        if iw > 0 and ih > 0:
+          overlapping += 1
+  assert overlapping >= 3 and distractors >= 3, (overlapping, distractors)
+  im = data["images"][0]
+  pix = np.asarray(Image.open(os.path.join(world, "images", im["file_name"])), np.float32)
+  free = np.ones(pix.shape[:2], bool)
+  for a in by_image[im["id"]]:
+    x, y, w, h = (int(v) for v in a["bbox"])
+    free[max(y - 1, 0):y + h + 1, max(x - 1, 0):x + w + 1] = False
+  assert free.sum() > 500
+  assert pix[free].mean(-1).std() > 4.0
