@@ -109,6 +109,28 @@ def test_control_words(train, tok, annotations):
   assert 0.38 < only_bar / total < 0.66
 
 
+def test_control_words_keep_rate_and_shuffle(train, tok):
+  """Each candidate tag survives with p = 0.5 (no full drop) * 0.5 (kept) = 0.25 (bound: > 4
+  sigma of the per-row-correlated draw), and the kept words are shuffled: rows with several
+  words show both the candidates' stored order and other orders."""
+  row_of = {int(r): i for i, r in enumerate(train.table.region_id)}
+  kept = candidates = in_order = out_of_order = 0
+  for batch in _take(_train(train, tok), 8):
+    for i in range(G):
+      row = row_of[int(batch["region_id"][i])]
+      order = [train.table.tag_vocab[t] for t in train.table.tag_ids[row]]
+      toks = tok.convert_ids_to_tokens(batch["control_ids"][i][batch["control_mask"][i] > 0])
+      words = [w for w in " ".join(toks[:-2]).split(" , ") if w]
+      kept += len(words)
+      candidates += len(order)
+      if len(words) >= 2:
+        stored = [w for w in order if w in words]
+        in_order += words == stored
+        out_of_order += words != stored
+  assert abs(kept / candidates - 0.25) < 0.08, kept / candidates
+  assert in_order > 0 and out_of_order > 0, (in_order, out_of_order)
+
+
 def test_same_order_twice_and_seed_matters(train, tok):
   a = _take(_train(train, tok), 3)
   b = _take(_train(train, tok), 3)
