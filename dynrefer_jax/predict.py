@@ -441,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
   import io  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv[1:] if argv is None else argv)
+  # "--box -1,0,5,5" would read as an unknown option: bind the value to its flag first.
+  joined, it = [], iter(argv)
+  for a in it:
+    joined.append(f"{a}={next(it, '')}" if a in ("--box", "--views") else a)
+  argv = joined
 
   class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints usage too otherwise)

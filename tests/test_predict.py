@@ -1,0 +1,151 @@
+"""`python -m dynrefer_jax.predict`: every bad input is one line and exit code 2 before anything
+is loaded; end to end on a 2-step synthetic-world checkpoint (JSON schema, the annotated PNG,
+fixed views through the library API)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dynrefer_jax import predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("predict_inputs")
+  rng = np.random.default_rng(0)
+  image = (rng.random((90, 120, 3)) * 255).astype(np.uint8)
+  Image.fromarray(image).save(tmp / "photo.png")
+  (tmp / "notes.txt").write_text("not an image")
+  os.makedirs(tmp / "workdir" / "checkpoints")
+  return {"tmp": tmp, "image": str(tmp / "photo.png"), "array": image,
+          "text": str(tmp / "notes.txt"), "ckpt": str(tmp / "workdir")}
+
+
+BAD = [
+    ("missing image", {"image": "/nonexistent/photo.png"}, "image not found: /nonexistent/photo.png"),
+    ("not an image", {"image": "TEXT"}, "not an image (unrecognised format)"),
+    ("box outside", {"box": ["10,10,130,50"]}, "box 1 (10, 10, 130, 50) lies outside the 120x90 image"),
+    ("second box outside", {"box": ["0,0,5,5", "-1,0,5,5"]}, "box 2 (-1, 0, 5, 5) lies outside"),
+    ("degenerate", {"box": ["40,10,40,50"]}, "box 1 (40, 10, 40, 50) is degenerate"),
+    ("inverted", {"box": ["50,10,40,50"]}, "is degenerate: need x2 > x1 and y2 > y1"),
+    ("nan", {"box": ["nan,10,40,50"]}, "box 1 (nan, 10, 40, 50): coordinates must be finite"),
+    ("inf", {"box": ["0,0,inf,5"]}, "coordinates must be finite"),
+    ("three numbers", {"box": ["1,2,3"]}, "--box expects x1,y1,x2,y2 (4 numbers), got '1,2,3'"),
+    ("words", {"box": ["a,b,c,d"]}, "--box expects x1,y1,x2,y2 (4 numbers)"),
+    ("no box", {"box": []}, "no boxes given"),
+    ("views count", {"views": "0,0.5"}, "this model uses 3 views, got 2 t values"),
+    ("views range", {"views": "0,0.5,1.5"}, "every t must be a number in [0, 1]"),
+    ("views nan", {"views": "0,nan,0.5"}, "every t must be a number in [0, 1]"),
+    ("views text", {"views": "wide"}, "--views expects 'auto' or 3 comma-separated t values"),
+    ("no checkpoint", {"checkpoint": "/nonexistent/run"}, "no checkpoint in /nonexistent/run"),
+    ("bad config", {"config": "/nonexistent/config.py"}, "config file not found"),
+]
+
+
+def _argv(files, image=None, box=None, views="auto", checkpoint=None, config=CONFIG,
+          out=None):
+  image = files["text"] if image == "TEXT" else (image or files["image"])
+  argv = ["--config", config, "--checkpoint", checkpoint or files["ckpt"], "--image", image,
+          "--views", views, "--out", out or str(files["tmp"] / "out")]
+  for b in (["10,10,60,50"] if box is None else box):
+    argv += ["--box", b]
+  return argv
+
+
+@pytest.mark.parametrize("name,change,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(files, capsys, monkeypatch, name, change, message):
+  del name
+  # Validation happens before loading: a load attempt would fail this test.
+  monkeypatch.setattr(predict.Runner, "load", classmethod(lambda *a, **k: pytest.fail("loaded")))
+  assert predict.main(_argv(files, **change)) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+  assert message in captured.err, captured.err
+  assert not os.path.exists(files["tmp"] / "out")
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(files):
+  proc = subprocess.run([sys.executable, "-m", "dynrefer_jax.predict"]
+                        + _argv(files, box=["5,5,500,20"]),
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: box 1 (5, 5, 500, 20) lies outside the 120x90 image (x in [0, 120], y in [0, 90])"]
+
+
+def test_library_validation():
+  hw = (90, 120)
+  np.testing.assert_array_equal(predict.validate_boxes([(0, 0, 120, 90), [1.5, 2, 3, 4]], hw),
+                                np.float32([[0, 0, 120, 90], [1.5, 2, 3, 4]]))
+  with pytest.raises(predict.PredictError, match=r"box 1 \(0, 0, 121, 90\) lies outside"):
+    predict.validate_boxes([(0, 0, 121, 90)], hw)
+  with pytest.raises(predict.PredictError, match="expected 4 numbers"):
+    predict.validate_boxes([(0, 0, 1)], hw)
+  assert predict.parse_views("auto", 3) == "auto"
+  assert predict.parse_views("0,0.3,1", 3) == (0.0, 0.3, 1.0)
+  assert predict.parse_views([0, 0.2, 0.4], 3) == (0.0, 0.2, 0.4)
+  # Views by hand (SPEC §2): box(t) = b + t·(I − b), truncated; image 120 wide, 90 high.
+  assert predict.view_boxes_in_image(np.array([10, 20, 50, 40.5]), (90, 120), [0, 0.5, 1]) == [
+      [10, 20, 50, 40], [5, 10, 85, 65], [0, 0, 120, 90]]
+  # Shrunk to the model's side 60: scale 0.5, boxes with it, zero padding below.
+  image = np.full((90, 120, 3), 200, np.uint8)
+  padded, hw2, boxes, scale = predict.prepare_image(image, np.float32([[10, 20, 50, 40]]), 60)
+  assert padded.shape == (60, 60, 3) and tuple(hw2) == (45, 60) and scale == 0.5
+  np.testing.assert_allclose(boxes, [[5, 10, 25, 20]])
+  assert (padded[45:] == 0).all() and (padded[:45] == 200).all()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  from dynrefer_jax import config_lib, train
+  workdir = str(tmp_path_factory.mktemp("predict_run"))
+  train.train(config_lib.load(CONFIG), workdir, progress=False)
+  return workdir
+
+
+def test_end_to_end_cli_and_library(files, trained, capsys):
+  out = str(files["tmp"] / "e2e")
+  argv = _argv(files, box=["10,10,60,50", "0,0,120,90"], checkpoint=trained, out=out)
+  assert predict.main(argv) == 0
+  printed = json.loads(capsys.readouterr().out)
+  saved = json.loads(open(os.path.join(out, "photo.json"), encoding="utf-8").read())
+  assert printed == saved
+  assert saved["image_size"] == [120, 90] and saved["checkpoint_step"] == 2
+  regions = saved["regions"]
+  assert [r["box"] for r in regions] == [[10, 10, 60, 50], [0, 0, 120, 90]]
+  for i, r in enumerate(regions):
+    assert r["index"] == i
+    assert isinstance(r["caption"], str) and 0 < r["caption_score"] <= 1
+    assert all(t["score"] > 0.5 for t in r["tags"])  # the smoke config's tag threshold
+    assert [t["score"] for t in r["tags"]] == sorted((t["score"] for t in r["tags"]), reverse=True)
+    assert len(r["attributes"]) == 5 and all(0 <= a["score"] <= 1 for a in r["attributes"])
+    assert set(r["category"]) == {"name", "score"}
+    assert len(r["views"]) == 3 and r["views"][0] == 0.0
+    assert all(t in [k / 10 for k in range(11)] for t in r["views"])
+    assert r["view_boxes"][0] == [int(v) for v in r["box"]]
+    assert r["view_boxes"] == predict.view_boxes_in_image(np.array(r["box"]), (90, 120),
+                                                          r["views"])
+  png = Image.open(os.path.join(out, "photo.png"))
+  assert png.size[0] >= 120 and png.size[1] > 90 + 2 * 160  # the image, then one row per region
+  np.testing.assert_array_equal(np.asarray(png.convert("RGB"))[60:85, 70:115],
+                                files["array"][60:85, 70:115])  # untouched outside the boxes
+
+  runner = predict.Runner.load(CONFIG, trained, batch_size=2)
+  fixed = runner.predict(files["array"], [(10, 10, 60, 50)] * 3, views=[0, 0.3, 1.0])
+  assert len(fixed) == 3 and all(r["views"] == [0.0, 0.3, 1.0] for r in fixed)
+  assert fixed[2]["view_boxes"][2] == [0, 0, 120, 90]
+  # The same box three times (two batches, one padded) gives the same answer each time.
+  assert fixed[0]["caption"] == fixed[1]["caption"] == fixed[2]["caption"]
+  np.testing.assert_allclose([r["caption_score"] for r in fixed], fixed[0]["caption_score"],
+                             rtol=1e-5)
+  with pytest.raises(predict.PredictError, match="lies outside"):
+    runner.predict(files["array"], [(0, 0, 500, 5)])
