@@ -1,11 +1,15 @@
 r"""Evaluation of a trained model on all four tasks.
 
-  python -m dynrefer_jax.evaluate --config configs/synthetic.py --workdir DIR [--split test]
+  python -m dynrefer_jax.evaluate --config configs/synthetic.py --checkpoint DIR [--split test]
+                                  [--out DIR]
 
 Runs the model once over each split (view selection as config.eval.view_selection) and feeds
 the cached predictions to the evaluators: region captioning (METEOR, CIDEr, BLEU-4, ROUGE-L),
 dense captioning mAP (DenseCap protocol), attribute mAP (OVAD-style), recognition (accuracy,
-COCO mAP). Writes results.json and results.md into the workdir.
+COCO mAP). Writes results.json and results.md (each metric beside the published figure of
+SPEC §14 named by config.eval.published, and the trivial baselines on the synthetic world) into
+--out, by default the checkpoint directory. DIR: a training workdir or a
+tools/convert_checkpoint.py output (see dynrefer_jax.predict).
 """
 
 from __future__ import annotations
@@ -68,24 +72,91 @@ def baselines(train_table, cached: list[tuple[dict, dict]], cfg=None) -> dict:
   return run_evaluators(fake, cfg=cfg)
 
 
+# SPEC §14: the figures the released checkpoints should reproduce (repo README; the paper's
+# main table in parentheses where it differs). Keyed by config.eval.published.
+PUBLISHED = {
+    "vg_dense": {"dense_caption/mAP": (47.6, None)},
+    "vg_reg": {"region_caption/METEOR": (21.2, None), "region_caption/CIDEr": (190.5, 190.9)},
+    "refcocog": {"region_caption/METEOR": (18.1, None), "region_caption/CIDEr": (115.3, 115.7)},
+    "ovad": {"attributes/ap/all": (29.2, 29.2)},
+    "coco": {"recognition/accuracy": (91.8, 89.4)},
+}
+
+
+def results_table(results: dict, published: dict | None) -> str:
+  """Markdown: one section per split, every metric beside its published figure (if any) and
+  the trivial baseline (if computed)."""
+  lines = ["# Evaluation", ""]
+  if results.get("step") is not None:
+    lines += [f"Checkpoint step {results['step']}.", ""]
+  for split, metrics in results.items():
+    if not isinstance(metrics, dict) or split.endswith("/baseline"):
+      continue
+    base = results.get(split + "/baseline", {})
+    lines += [f"## Split `{split}`", "",
+              "| metric | ours | published (README) | paper | trivial baseline |",
+              "|---|---|---|---|---|"]
+    for key in sorted(metrics):
+      readme, paper = (published or {}).get(key, (None, None))
+      cell = lambda v: "–" if v is None else f"{v:.2f}"
+      lines.append(f"| {key} | {cell(metrics[key])} | {cell(readme)} | {cell(paper)} | "
+                   f"{cell(base.get(key))} |")
+    lines.append("")
+  if not published:
+    lines.append("No published figure exists for this dataset (SPEC §14 lists VG, RefCOCOg, "
+                 "OVAD and COCO).")
+  lines.append("SPICE is not computed (it needs a download at run time).")
+  return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: str, text: str) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
-  from dynrefer_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rest, spec, overrides = config_lib.split_argv(argv)
     p = argparse.ArgumentParser(prog="python -m dynrefer_jax.evaluate")
-    p.add_argument("--workdir", required=True, help="a workdir written by dynrefer_jax.train")
+    p.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
+                   help="a training workdir or a tools/convert_checkpoint.py output")
+    p.add_argument("--out", default=None, help="where results.json / results.md go "
+                   "(default: the checkpoint directory)")
+    p.add_argument("--split", action="append", default=None, help="default: config.eval.splits")
     args = p.parse_args(rest)
     config = config_lib.load(spec or "configs/synthetic.py", overrides)
-  except config_lib.ConfigError as e:
+    root, _ = predict_lib.checkpoint_root(args.checkpoint)
+  except (config_lib.ConfigError, predict_lib.PredictError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-    print(f"error: no checkpoints in {args.workdir}", file=sys.stderr)
-    return 2
-  results = main_lib.evaluate_workdir(config, args.workdir)
-  print(json.dumps(results, indent=1))
+  from dynrefer_jax.data import setup as data_setup  # pylint: disable=import-outside-toplevel
+  runner = predict_lib.Runner.load(config, args.checkpoint)
+  data = data_setup.prepare(config, root)
+  predictor = runner.predictor("auto")
+  ev_cfg = config.eval.get("evaluators", {})
+  ev_cfg = ev_cfg.to_dict() if hasattr(ev_cfg, "to_dict") else dict(ev_cfg)
+  results = {"step": runner.step}
+  synthetic = config.data.name == "synthetic"
+  for split in args.split or list(config.eval.splits):
+    cached = predict_split(predictor, runner.params, data.eval_iterator(split))
+    results[split] = run_evaluators(cached, cfg=ev_cfg)
+    if synthetic:
+      from dynrefer_jax.data import sources  # pylint: disable=import-outside-toplevel
+      table = sources.SyntheticSource(data.root, "train").table
+      results[split + "/baseline"] = baselines(
+          {"captions": list(table.caption), "category": table.category,
+           "attributes": table.attributes}, cached, cfg=ev_cfg)
+  published = PUBLISHED.get(config.eval.get("published", "") or "")
+  results["published"] = {k: {"readme": r, "paper": q} for k, (r, q) in (published or {}).items()}
+  out = args.out or root
+  os.makedirs(out, exist_ok=True)
+  _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float))
+  _atomic_write(os.path.join(out, "results.md"), results_table(results, published))
+  print(results_table(results, published))
   return 0
 
 
