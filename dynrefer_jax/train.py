@@ -61,7 +61,7 @@ class ModelState:
 
 def trainable_patterns(config) -> tuple[list[str], list[str]]:
   """(patterns, excludes): Tables are never trainable."""
-  return list(config.trainable), [r"(^|/)(clip_embeds|att_embeds|ov_embeds|\w+_token_ids)$"]
+  return list(config.trainable), [r"(^|/)(clip_embeds|att_embeds|ov_embeds|att_template_owner|\w+_token_ids)$"]
 
 
 def _cast_frozen(frozen: dict, dtype_name: str) -> dict:
