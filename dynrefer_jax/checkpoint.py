@@ -54,8 +54,12 @@ class Checkpointer:
     steps = [step] if step is not None else list(reversed(self.all_steps()))
     for s in steps:
       try:
+        # Explicit restore args: without them Orbax places arrays by the saved sharding file,
+        # which is wrong (or fails) on another mesh.
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
+            meta=ocp.args.JsonRestore()))
         return s, out["state"], dict(out["meta"] or {})
       except Exception as e:  # pylint: disable=broad-except
         if step is not None:

@@ -1,0 +1,257 @@
+"""Checkpoints and resume: fallback past a corrupt step, restore onto another mesh, and (slow,
+in subprocesses) SIGKILL → bit-identical resume, SIGTERM → save and exit 0, a NaN loss stops the
+run, and 2 processes × 2 devices (jax.distributed over localhost) = 1 process × 4 devices.
+
+The slow ones train the toy model several times in fresh processes (minutes on 2 shared cores):
+  bash test.sh -m slow tests/test_resume.py
+They share a persistent compilation cache, so a program compiled once is reused by the others.
+"""
+
+import glob
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dynrefer_jax import checkpoint as ckpt_lib
+from dynrefer_jax import functional, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.vit.depth=1", "model.lm.num_decoder_layers=1", "model.vit.image_size=16",
+        "model.roi.output_size=2", "train.log_every=1", "data.num_images.train=16"]
+
+
+def _tree(mesh, seed=0):
+  """A small parameter-like tree on `mesh`, sharded by logical names."""
+  rng = np.random.default_rng(seed)
+  arrays = {"a": {"kernel": rng.normal(size=(16, 24)).astype(np.float32),
+                  "bias": rng.normal(size=(24,)).astype(np.float32)},
+            "b": rng.normal(size=(8, 4, 16)).astype(np.float32), "n": np.int32(seed + 3)}
+  axes = {"a": {"kernel": ("embed", "mlp"), "bias": ("mlp",)}, "b": ("layers", "heads", "embed"),
+          "n": ()}
+  sh = sharding.tree_shardings(arrays, axes, mesh, sharding.DEFAULT_RULES)
+  return jax.tree.map(jax.device_put, arrays, sh), sh
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, devices8):
+  mesh = sharding.make_mesh((2, 2, 2), devices8)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=False)
+  trees = {}
+  for step in (1, 2, 3):
+    trees[step], sh = _tree(mesh, seed=step)
+    ck.save(step, trees[step], {"data_step": step})
+  ck.close()
+  abstract = ckpt_lib.abstract_with_shardings(trees[1], sh)
+
+  # Step 3: every file of its state truncated to half.
+  for f in glob.glob(str(tmp_path / "ck" / "3" / "state" / "**" / "*"), recursive=True):
+    if os.path.isfile(f) and os.path.getsize(f) > 0:
+      with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=False)
+  with caplog.at_level(logging.WARNING):
+    step, got, meta = ck.restore(abstract)
+  assert step == 2 and meta["data_step"] == 2
+  assert any("step 3" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(trees[2])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # Step 2: its array data files are gone (a partial copy), its metadata intact.
+  data_files = [f for f in glob.glob(str(tmp_path / "ck" / "2" / "state" / "**" / "d" / "*"),
+                                     recursive=True) if os.path.isfile(f)]
+  assert data_files
+  for f in data_files:
+    os.remove(f)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    step, got, _ = ck.restore(abstract)
+  ck.close()
+  assert step == 1
+  assert any("step 2" in r.getMessage() for r in caplog.records)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(trees[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restore_onto_a_different_mesh_gives_identical_values(tmp_path, devices8):
+  saved, _ = _tree(sharding.make_mesh((1, 8, 1), devices8))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  ck.save(5, saved, {})
+  ck.close()
+  for shape in ((2, 2, 2), (8, 1, 1), (1, 1, 1)):
+    mesh = sharding.make_mesh(shape, devices8[:int(np.prod(shape))])
+    target, sh = _tree(mesh, seed=9)
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    step, got, _ = ck.restore(ckpt_lib.abstract_with_shardings(target, sh))
+    ck.close()
+    assert step == 5
+    for g, s, want in zip(jax.tree.leaves(got), jax.tree.leaves(sh), jax.tree.leaves(saved)):
+      assert g.sharding == s  # placed on the target mesh, not the saved one
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+
+
+def test_model_init_round_trip(tmp_path, devices8):
+  """config.model_init's format (save_params / the converter's layout) restores onto shardings
+  with the target's dtype."""
+  tree, sh = _tree(sharding.make_mesh((1, 8, 1), devices8))
+  ckpt_lib.save_params(str(tmp_path / "init"), tree)
+  mesh = sharding.make_mesh((2, 2, 2), devices8)
+  target, sh2 = _tree(mesh, seed=4)
+  abstract = ckpt_lib.abstract_with_shardings(target, sh2)
+  abstract["b"] = jax.ShapeDtypeStruct(abstract["b"].shape, jax.numpy.bfloat16,
+                                       sharding=abstract["b"].sharding)
+  got = ckpt_lib.load_params(str(tmp_path / "init"), abstract)
+  assert got["b"].dtype == jax.numpy.bfloat16 and got["b"].sharding == sh2["b"]
+  np.testing.assert_array_equal(np.asarray(got["a"]["kernel"]), np.asarray(tree["a"]["kernel"]))
+  with pytest.raises(FileNotFoundError):
+    ckpt_lib.load_params(str(tmp_path / "nothing"), abstract)
+
+
+# --- subprocess runs (slow) -------------------------------------------------------------------
+
+
+def _env(devices: int, cache: str, **extra) -> dict:
+  env = dict(os.environ)
+  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+              "JAX_DEFAULT_MATMUL_PRECISION": "highest", "PYTHONPATH": ROOT,
+              "JAX_COMPILATION_CACHE_DIR": cache,
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  env.update(extra)
+  return env
+
+
+def _cmd(workdir, steps, *extra):
+  return [sys.executable, "-m", "dynrefer_jax.train", "--config",
+          os.path.join(ROOT, "configs/synthetic.py:smoke"), "--workdir", str(workdir),
+          f"--config.train.steps={steps}", *[f"--config.{o}" for o in TINY + list(extra)]]
+
+
+def _committed_steps(workdir) -> list[int]:
+  d = os.path.join(str(workdir), "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def _state(workdir, step):
+  got_step, st = ckpt_lib.read_numpy(os.path.join(str(workdir), "checkpoints"), step)
+  assert got_step == step
+  return functional.flatten({"trainable": st["trainable"], "rng": st["rng"]}), st
+
+
+def _assert_bit_identical(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, cache_dir):
+  steps = 8
+  env = _env(4, cache_dir)
+  extra = ("train.checkpoint_every=2",)
+  ref = tmp_path / "ref"
+  subprocess.run(_cmd(ref, steps, *extra), env=env, check=True, capture_output=True, cwd=ROOT)
+
+  run = tmp_path / "run"
+  proc = subprocess.Popen(_cmd(run, steps, *extra), env=env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 900
+  while not _committed_steps(run) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = _committed_steps(run)
+  assert killed_at and killed_at[-1] < steps, killed_at
+  out = subprocess.run(_cmd(run, steps, *extra), env=env, check=True, capture_output=True,
+                       text=True, cwd=ROOT)
+  assert f"resumed from step {killed_at[-1]}" in out.stdout
+  a, sa = _state(ref, steps)
+  b, sb = _state(run, steps)
+  _assert_bit_identical(a, b)
+  _assert_bit_identical(functional.flatten({"o": jax.tree.map(np.asarray, sa["opt_state"])}),
+                        functional.flatten({"o": jax.tree.map(np.asarray, sb["opt_state"])}))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path, cache_dir):
+  run = tmp_path / "run"
+  proc = subprocess.Popen(_cmd(run, 1000, "train.checkpoint_every=1000"), env=_env(4, cache_dir),
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  metrics = run / "metrics.jsonl"
+  deadline = time.time() + 900
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.read_text().count("\n") >= 2:
+      break
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  steps = _committed_steps(run)
+  assert len(steps) == 1 and 2 <= steps[0] < 1000, steps
+  assert f"saved step {steps[0]}" in out
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_the_step(tmp_path, cache_dir):
+  out = subprocess.run(_cmd(tmp_path / "run", 6, "optim.lr=1e30", "optim.grad_clip_norm=0.0",
+                            "optim.warmup_steps=0", "train.checkpoint_every=1"),
+                       env=_env(4, cache_dir), capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 1
+  err = out.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: non-finite loss") and "at step" in err, err
+  bad = int(err.split("at step ")[1].split(";")[0])
+  kept = _committed_steps(tmp_path / "run")
+  assert kept and max(kept) < bad  # the last good checkpoint stays; nothing after it
+  _, st = ckpt_lib.read_numpy(str(tmp_path / "run" / "checkpoints"), max(kept))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(st["trainable"]))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, cache_dir):
+  steps = 3
+  one = tmp_path / "one"
+  subprocess.run(_cmd(one, steps), env=_env(4, cache_dir), check=True, capture_output=True,
+                 cwd=ROOT)
+  data_dir = str(one / "data")  # generated once; both processes read it
+  two = tmp_path / "two"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(two, steps, f"data.dir={data_dir}"), cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True,
+      env=_env(2, cache_dir, DYNREFER_COORDINATOR=f"127.0.0.1:{port}",
+               DYNREFER_NUM_PROCESSES="2", DYNREFER_PROCESS_ID=str(i)))
+      for i in range(2)]
+  outs = [p.communicate(timeout=1500)[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  a, _ = _state(one, steps)
+  b, _ = _state(two, steps)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  rows = lambda d: [l for l in open(d / "metrics.jsonl")]
+  import json  # pylint: disable=import-outside-toplevel
+  la = [json.loads(r)["loss"] for r in rows(one)]
+  lb = [json.loads(r)["loss"] for r in rows(two)]
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  assert len(lb) == steps  # process 1 writes no metrics
