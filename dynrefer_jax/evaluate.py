@@ -90,7 +90,7 @@ def results_table(results: dict, published: dict | None) -> str:
   if results.get("step") is not None:
     lines += [f"Checkpoint step {results['step']}.", ""]
   for split, metrics in results.items():
-    if not isinstance(metrics, dict) or split.endswith("/baseline"):
+    if not isinstance(metrics, dict) or split.endswith("/baseline") or split == "published":
       continue
     base = results.get(split + "/baseline", {})
     lines += [f"## Split `{split}`", "",
