@@ -2,8 +2,8 @@
 
 References are independent of the code under test: the 1-device run of the same step, each
 array's own byte count, SPEC §9's parameter split and PERFORMANCE.md's FLOP table.
-The three-mesh equivalence compiles the train step four times (minutes on 2 shared cores):
-it is `slow` (bash test.sh -m slow tests/test_scale.py); the default suite runs one mesh.
+The mesh equivalence compiles the train step four times (minutes on 2 shared cores): it is
+`slow` (bash test.sh -m slow tests/test_scale.py). The (2,2,2) run also turns remat on.
 """
 
 import jax
@@ -19,10 +19,16 @@ TEXT_LEN = 16
 
 
 def tiny_config(mesh=(1, 1, 1), **extra):
-  """configs/synthetic.py:smoke shrunk further: one ViT block, one decoder layer, no dropout."""
+  """configs/synthetic.py:smoke shrunk further: one ViT block, one decoder layer, no dropout.
+
+  Adam's eps is 1e-3 here: with the recipe's 1e-8 the first updates are ±lr for every gradient
+  entry above 1e-8, so an entry at round-off level (exactly 0 in exact arithmetic) moves its
+  parameter by up to 2·lr when a different reduction order flips its sign. A larger eps keeps the
+  update smooth in the gradient, so the comparison measures the sharded computation itself.
+  """
   overrides = [f"model.text.vocab_size={VOCAB}", f"model.lm.vocab_size={VOCAB}",
                "model.vit.depth=1", "model.lm.num_decoder_layers=1", "model.vit.image_size=16",
-               "model.roi.output_size=2", "optim.lr=1e-3",
+               "model.roi.output_size=2", "optim.lr=1e-3", "optim.eps=1e-3",
                f"sharding.mesh.data={mesh[0]}", f"sharding.mesh.fsdp={mesh[1]}",
                f"sharding.mesh.tensor={mesh[2]}"]
   overrides += [f"{k}={v}" for k, v in extra.items()]
@@ -96,6 +102,7 @@ def _assert_same_run(got, ref, tol=1e-5):
   assert losses[0]["loss"] != losses[-1]["loss"]
 
 
+@pytest.mark.slow
 def test_mesh_2x2x2_matches_one_device(devices8, reference):
   _assert_same_run(run_steps(tiny_config((2, 2, 2), **{"model.remat": "full"}), devices8,
                              make_batches(3)), reference)
