@@ -187,16 +187,41 @@ def test_sharded_over_batch_matches_single_device(devices8):
   box = np.stack([x1, y1, x1 + rng.uniform(1, 20, n), y1 + rng.uniform(1, 20, n)], -1)
   box = box.astype(np.float32)
 
-  def fn(i, s, b):
-    ts = select.select_ts("phash", i, s, b, 3)
-    return (ts,) + select.build_views(i, s, b, ts, 32)
+  def fn(i, s, b, impl="auto", method="auto"):
+    ts = select.select_ts("phash", i, s, b, 3, impl=impl)
+    return (ts,) + select.build_views(i, s, b, ts, 32, method=method)
 
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,),
                        devices=devices8)
-  single = jax.jit(fn)(images, hw, box)
+  # Sharded, "auto" takes the batched forms; compare with them on one device.
+  single = jax.jit(lambda i, s, b: fn(i, s, b, "dense", "blocked"))(images, hw, box)
   with jax.set_mesh(mesh):
     shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("batch")))
     sharded = jax.jit(fn)(shard(images), shard(hw), shard(box))
   assert sharded[1].sharding.spec[0] == "batch"
   for a, b in zip(sharded, single):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loop_and_batched_forms_agree():
+  """The CPU per-region loops (hash windows, per-view resize) vs the batched forms: the same
+  hash bits and 8-bit levels up to float32 summation order (both emulate the same arithmetic)."""
+  from dynrefer_jax.views import crop_resize, phash
+  rng = np.random.default_rng(5)
+  n, S = 6, 200
+  images = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+  images[:3] = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((S, S)))
+  hw = np.array([[200, 200], [150, 190], [200, 120]] * 2, np.int32)
+  x1, y1 = rng.uniform(0, 100, n), rng.uniform(0, 100, n)
+  box = np.stack([x1, y1, x1 + rng.uniform(1, 90, n), y1 + rng.uniform(1, 40, n)], -1)
+  box = box.astype(np.float32)
+  crops = select.candidate_boxes(hw, box)
+  hashes = [np.asarray(jax.jit(lambda i, c: phash.opencv_phash(i, c, impl=impl))(images, crops))
+            for impl in ("loop", "dense")]
+  assert (hashes[0] == hashes[1]).mean() >= 0.999
+  views = jnp.concatenate([crops[:, :1], crops[:, 5:6], crops[:, 10:]], axis=1)
+  levels = [np.asarray(jax.jit(lambda i, v: crop_resize.resize_levels(i, v, 40, method=m))(
+      images, views)) for m in ("loop", "blocked")]
+  # A float32 sum that lands within ~1e-4 of a half level may round either way.
+  diff = np.abs(levels[0] - levels[1])
+  assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, (diff.max(), (diff == 0).mean())

@@ -70,6 +70,26 @@ def max_taps(size: int, out_size: int, support: float) -> int:
   return 2 * math.ceil(support * max(size / out_size, 1.0)) + 1
 
 
+def _filter_geometry(lo, hi, out_size: int, kernel: str):
+  """PIL's per-output filter window: (centre, xmin, xmax, 1/filterscale, kernel fn), crop-local."""
+  fn, support = FILTERS[kernel]
+  size = jnp.maximum(hi - lo, 1).astype(jnp.float32)
+  scale = size / out_size
+  filterscale = jnp.maximum(scale, 1.0)
+  support = support * filterscale
+  center = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  # PIL: xmin = (int)(center - support + 0.5) clamped at 0; xmax likewise clamped at the size.
+  xmin = jnp.maximum(jnp.trunc(center - support + 0.5), 0.0)
+  xmax = jnp.minimum(jnp.trunc(center + support + 0.5), size)
+  return center, xmin, xmax, 1.0 / filterscale, fn
+
+
+def _quantise(w: jax.Array) -> jax.Array:
+  """PIL's normalize_coeffs_8bpc: round half away from zero to 2^-22."""
+  one = float(1 << _PIL_PRECISION_BITS)
+  return jnp.trunc(w * one + jnp.where(w < 0, -0.5, 0.5)) / one
+
+
 def resample_weights(lo: jax.Array, hi: jax.Array, out_size: int, taps: int,
                      kernel: str = "bicubic") -> tuple[jax.Array, jax.Array]:
   """PIL's resampling weights for the crop [lo, hi) of one axis, banded.
@@ -84,25 +104,36 @@ def resample_weights(lo: jax.Array, hi: jax.Array, out_size: int, taps: int,
     weights: float32[out, K] normalised weights, quantised to PIL's 22-bit fixed point; zero
       beyond the window.
   """
-  fn, support = FILTERS[kernel]
-  size = jnp.maximum(hi - lo, 1).astype(jnp.float32)
-  scale = size / out_size
-  filterscale = jnp.maximum(scale, 1.0)
-  support = support * filterscale
-  center = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
-  # PIL: xmin = (int)(center - support + 0.5) clamped at 0; xmax likewise clamped at the size.
-  xmin = jnp.maximum(jnp.trunc(center - support + 0.5), 0.0)
-  xmax = jnp.minimum(jnp.trunc(center + support + 0.5), size)
+  center, xmin, xmax, inv_fs, fn = _filter_geometry(lo, hi, out_size, kernel)
   x = xmin[:, None] + jnp.arange(taps, dtype=jnp.float32)[None, :]
   inside = x < xmax[:, None]
-  w = jnp.where(inside, fn((x - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+  w = jnp.where(inside, fn((x - center[:, None] + 0.5) * inv_fs), 0.0)
   total = jnp.sum(w, axis=1, keepdims=True)
   w = jnp.where(total != 0, w / jnp.where(total != 0, total, 1.0), w)
-  # PIL's normalize_coeffs_8bpc: round half away from zero to 2^-22.
-  one = float(1 << _PIL_PRECISION_BITS)
-  w = jnp.trunc(w * one + jnp.where(w < 0, -0.5, 0.5)) / one
   start = lo.astype(jnp.int32) + xmin.astype(jnp.int32)
-  return start, w
+  return start, _quantise(w)
+
+
+def dense_weights(lo: jax.Array, hi: jax.Array, out_size: int, size: int, taps: int,
+                  kernel: str = "bicubic") -> tuple[jax.Array, jax.Array]:
+  """The same weights as `resample_weights`, as the dense matrix float32[out, size].
+
+  Computed element by element from the same formula (no gather), so every entry is the banded
+  one; only the normalising totals come from the banded [out, K] form.
+
+  Returns:
+    start: int32[out] first input index of each output's window (as `resample_weights`).
+    weights: float32[out, size], zero outside each window.
+  """
+  center, xmin, xmax, inv_fs, fn = _filter_geometry(lo, hi, out_size, kernel)
+  x = xmin[:, None] + jnp.arange(taps, dtype=jnp.float32)[None, :]
+  total = jnp.sum(jnp.where(x < xmax[:, None], fn((x - center[:, None] + 0.5) * inv_fs), 0.0),
+                  axis=1, keepdims=True)
+  local = (jnp.arange(size, dtype=jnp.int32)[None, :] - lo).astype(jnp.float32)
+  inside = (local >= xmin[:, None]) & (local < xmax[:, None])
+  w = jnp.where(inside, fn((local - center[:, None] + 0.5) * inv_fs), 0.0)
+  w = jnp.where(total != 0, w / jnp.where(total != 0, total, 1.0), w)
+  return lo.astype(jnp.int32) + xmin.astype(jnp.int32), _quantise(w)
 
 
 def dense_matrix(start: jax.Array, weights: jax.Array, size: int) -> jax.Array:
@@ -219,8 +250,111 @@ def _resize_one(both: jax.Array, box: jax.Array, out_size: int, taps: int, kerne
   return jnp.where(v_first, jnp.swapaxes(out, 0, 1), out)
 
 
+def _pass_blocks(x: jax.Array, start: jax.Array, weights: jax.Array, lo: jax.Array,
+                 hi: jax.Array, axis: int, window: int, block: int) -> jax.Array:
+  """One PIL pass along `axis` of x, `block` outputs at a time, with real (unbatched) slices.
+
+  For each block of outputs, the `window` input positions from the block's first tap on are
+  sliced out (clamped into [lo, hi], the crop) and contracted with that block's [block, window]
+  piece of the dense weight matrix. Used inside the per-view loop of `impl="loop"`, where a
+  dynamic slice is a copy of the window rather than a gather.
+
+  Args:
+    x: float/uint8 array; start, weights: from `dense_weights` over axis `axis` (size N).
+  Returns:
+    float32 x with axis `axis` resampled to `out`.
+  """
+  out, n = weights.shape
+  if out % block:
+    block = math.gcd(out, block)
+  shape = list(x.shape)
+  shape[axis] = out
+
+  def one_block(b, acc):
+    first = b * block
+    # Windows move right with the output index, so the block's taps start at its first output's.
+    w0 = jnp.clip(start[first], lo, jnp.maximum(hi - window, lo))
+    w0 = jnp.minimum(w0, n - window)
+    win = jax.lax.dynamic_slice_in_dim(x, w0, window, axis=axis).astype(jnp.float32)
+    mat = jax.lax.dynamic_slice(weights, (first, w0), (block, window))
+    piece = jnp.tensordot(mat, jnp.moveaxis(win, axis, 0), axes=(1, 0), precision=_HIGHEST)
+    return jax.lax.dynamic_update_slice_in_dim(acc, jnp.moveaxis(piece, 0, axis), first, axis)
+
+  # A loop rather than unrolled blocks: the same speed, a fraction of the compile time.
+  return jax.lax.fori_loop(0, out // block, one_block, jnp.zeros(shape, jnp.float32))
+
+
+# Slab sides (besides the padded side) the per-view loop may restrict the first pass to.
+SLABS = (64, 128, 256, 384, 512)
+
+
+def _slab_sizes(size: int) -> tuple[int, ...]:
+  return tuple(sorted({w for w in SLABS if w < size} | {size}))
+
+
+def _resize_view_loop(image: jax.Array, box: jax.Array, out_size: int, kernel: str,
+                      block: int) -> jax.Array:
+  """One crop of one image [S_y, S_x, C] → float32[out, out, C] 8-bit levels, PIL's pass order.
+
+  `lax.switch` runs one branch: PIL's pass order for this crop (see `vertical_first`; no second
+  layout of the image is needed) and a slab of the image across the first pass, the smallest
+  of `_slab_sizes` that holds the crop's extent on that axis (PIL's first pass, too, only
+  covers the crop's rows or columns). The dense weights are zero outside the crop, so slicing
+  them to the slab is exact.
+  """
+  s_y, s_x = image.shape[0], image.shape[1]
+  taps_y = max_taps(s_y, out_size, FILTERS[kernel][1])
+  taps_x = max_taps(s_x, out_size, FILTERS[kernel][1])
+  st_y, w_y = dense_weights(box[1], box[3], out_size, s_y, taps_y, kernel)  # [out, S_y]
+  st_x, w_x = dense_weights(box[0], box[2], out_size, s_x, taps_x, kernel)  # [out, S_x]
+  # Input positions a block of outputs can touch: its span at the largest scale plus a window.
+  win_y = min(math.ceil((block - 1) * max(s_y / out_size, 1.0)) + taps_y + 2, s_y)
+  win_x = min(math.ceil((block - 1) * max(s_x / out_size, 1.0)) + taps_x + 2, s_x)
+  axes = {0: (st_y, w_y, box[1], box[3], win_y), 1: (st_x, w_x, box[0], box[2], win_x)}
+
+  def branch(first_axis: int, slab: int):
+    other = 1 - first_axis
+
+    def run(image):
+      st_o, w_o, lo_o, hi_o, win_o = axes[other]
+      o0 = jnp.clip(lo_o, 0, image.shape[other] - slab)
+      part = jax.lax.dynamic_slice_in_dim(image, o0, slab, axis=other)
+      st_f, w_f, lo_f, hi_f, win_f = axes[first_axis]
+      mid = _round_clip8(_pass_blocks(part, st_f, w_f, lo_f, hi_f, first_axis, win_f, block))
+      w_o = jax.lax.dynamic_slice_in_dim(w_o, o0, slab, axis=1)
+      return _round_clip8(_pass_blocks(mid, st_o - o0, w_o, lo_o - o0, hi_o - o0, other,
+                                       min(win_o, slab), block))
+    return run
+
+  sizes = {0: _slab_sizes(s_x), 1: _slab_sizes(s_y)}  # slab sides across each first axis
+  branches = [branch(a, l) for a in (1, 0) for l in sizes[a]]  # horizontal first, then vertical
+  v_first = vertical_first(box, out_size)
+  extent = jnp.where(v_first, box[2] - box[0], box[3] - box[1])
+  bucket = jnp.where(v_first, jnp.sum(jnp.asarray(sizes[0][:-1]) < extent),
+                     jnp.sum(jnp.asarray(sizes[1][:-1]) < extent))
+  index = jnp.where(v_first, len(sizes[1]) + bucket, bucket)
+  return jax.lax.switch(index, branches, image)
+
+
+def _resize_loop(images: jax.Array, view_boxes: jax.Array, out_size: int, kernel: str,
+                 block: int = 16) -> jax.Array:
+  """`resize_levels` one region and one view at a time (CPU): [B, V, out, out, C]."""
+  def region(args):
+    image, boxes = args
+    return jax.lax.map(lambda box: _resize_view_loop(image, box, out_size, kernel, block), boxes)
+  return jax.lax.map(region, (images, view_boxes.astype(jnp.int32)))
+
+
+def use_loop(images: jax.Array) -> bool:
+  """Whether "auto" picks the per-region loops: on CPU, unless the batch axis is explicitly
+  sharded (a loop over a sharded axis would gather it; there the batched forms shard as is)."""
+  spec = jax.typeof(images).sharding.spec
+  sharded = bool(spec) and spec[0] is not None
+  return jax.default_backend() == "cpu" and not sharded
+
+
 def resize_levels(images: jax.Array, view_boxes: jax.Array, out_size: int, *,
-                  kernel: str = "bicubic", method: str = "blocked") -> jax.Array:
+                  kernel: str = "bicubic", method: str = "auto") -> jax.Array:
   """Crops and resizes every view box of every image; returns 8-bit levels as float32.
 
   Args:
@@ -229,10 +363,16 @@ def resize_levels(images: jax.Array, view_boxes: jax.Array, out_size: int, *,
     view_boxes: int[B, V, 4] integer crop boxes (x1, y1, x2, y2) inside each true image.
     out_size: output side.
     kernel: "bicubic" (views) or "lanczos" (imagehash).
-    method: "blocked" (default), "banded" or "dense"; see the module docstring.
+    method: "loop" (one view at a time, real slices; CPU), "blocked", "banded", "dense"
+      (batched; accelerators and sharded batches), or "auto" (loop on CPU with an unsharded
+      batch, else blocked). See the module docstring; all give the same numbers.
   Returns:
     float32[B, V, out, out, C] with integer values in [0, 255], as PIL's 8-bit result.
   """
+  if method == "auto":
+    method = "loop" if use_loop(images) else "blocked"
+  if method == "loop":
+    return _resize_loop(images, view_boxes, out_size, kernel)
   size = max(images.shape[1], images.shape[2])
   # Kept in the input dtype (uint8 for images): the two layouts below double the image memory,
   # and windows are converted to float32 only once sliced.
@@ -252,7 +392,7 @@ def normalize(x: jax.Array, mean=CLIP_MEAN, std=CLIP_STD) -> jax.Array:
 
 
 def crop_resize(images: jax.Array, image_hw: jax.Array, view_boxes: jax.Array, out_size: int,
-                *, method: str = "blocked") -> jax.Array:
+                *, method: str = "auto") -> jax.Array:
   """Bicubic crop-and-resize of each view, as PIL's `crop.resize((out, out), BICUBIC)` / 255.
 
   Args:
@@ -261,7 +401,7 @@ def crop_resize(images: jax.Array, image_hw: jax.Array, view_boxes: jax.Array, o
       (`boxes.view_boxes` clips them), so it only documents the contract here.
     view_boxes: int[B, V, 4] integer crop boxes.
     out_size: output side (224).
-    method: "blocked", "banded" or "dense" (same result).
+    method: "auto", "loop", "blocked", "banded" or "dense" (same result; see resize_levels).
   Returns:
     float32[B, V, out, out, 3] in [0, 1].
   """

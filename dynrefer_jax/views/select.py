@@ -103,7 +103,8 @@ def candidate_boxes(image_hw: jax.Array, box: jax.Array) -> jax.Array:
 
 
 def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Array,
-              num_views: int = 3, fixed_ts: Sequence[float] | None = None) -> jax.Array:
+              num_views: int = 3, fixed_ts: Sequence[float] | None = None, *,
+              impl: str = "auto") -> jax.Array:
   """Inference views of every region.
 
   Args:
@@ -114,6 +115,8 @@ def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Arra
     num_views: V (1 gives the single view t = 0 for the hash methods).
     fixed_ts: for "fixed": the V values of t, in view order (e.g. (0.0, 0.4, 0.5), or (1.0,)
       for a single whole-image view).
+    impl: how the hashes are computed: "loop" (per region, windowed; CPU), "dense" (batched;
+      accelerators, sharded batches) or "auto" (see phash.resolve_impl). Same bits.
   Returns:
     float32[B, V].
   """
@@ -128,20 +131,23 @@ def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Arra
   if num_views == 1:
     return zeros
   crops = candidate_boxes(image_hw, box)
-  hash_fn = phash.opencv_phash if method == "phash" else phash.imagehash_phash
-  bits = hash_fn(images, crops)  # [B, 11, 64]
+  if method == "phash":
+    bits = phash.opencv_phash(images, crops, impl=impl)  # [B, 11, 64]
+  else:
+    resize = "auto" if impl == "auto" else ("loop" if impl == "loop" else "blocked")
+    bits = phash.imagehash_phash(images, crops, method=resize)
   picks = greedy_select(bits[:, 0], bits[:, 1:], num_views - 1)
   return jnp.concatenate([zeros, _candidate_t(picks)], axis=1)
 
 
 def build_views(images: jax.Array, image_hw: jax.Array, box: jax.Array, ts: jax.Array,
-                out_size: int, *, method: str = "blocked") -> tuple[jax.Array, jax.Array]:
+                out_size: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array]:
   """The views the vision tower sees, and the referent box in each.
 
   Args:
     images: uint8[B, S, S, 3]; image_hw: int[B, 2]; box: float[B, 4]; ts: float[B, V].
     out_size: the vision tower's input side (224).
-    method: crop_resize's "blocked", "banded" or "dense" (same numbers).
+    method: crop_resize's "auto", "loop", "blocked", "banded" or "dense" (same numbers).
   Returns:
     pixels: float32[B, V, out, out, 3], CLIP-normalised.
     boxes_in_view: float32[B, V, 4] in each view's pixels.
