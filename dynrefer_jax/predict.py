@@ -234,8 +234,13 @@ def _restore(ckdir: str, abstract: dict, item: str, partial: bool = True):
     step = ck.latest_step()
     if step is None:
       raise PredictError(f"no checkpoint steps in {ckdir}")
+    # Explicit restore args: without them Orbax places arrays by the saved sharding file,
+    # which fails when the checkpoint was written on another device count.
+    target = {item: abstract}
     out = ck.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore({item: abstract}, partial_restore=partial)))
+        state=ocp.args.PyTreeRestore(
+            target, partial_restore=partial,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
   finally:
     ck.close()
   return out["state"][item], step
