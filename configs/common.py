@@ -100,3 +100,40 @@ def base() -> ml_collections.ConfigDict:
   c.resume = ""
   c.model_init = ""
   return c
+
+
+def real_data(train: str = "", splits: dict | None = None) -> ml_collections.ConfigDict:
+  """config.data for datasets prepared by tools/prepare_data.py (data/setup.REAL_DATA_FIELDS).
+
+  Paths left empty are set on the command line: --config.data.dir (required), and the
+  tokenizer / vocabulary files unless config.model_init is a converted checkpoint (its
+  tokenizer/ and vocab.json are used then).
+  """
+  return ml_collections.ConfigDict(dict(
+      name="prepared", dir="", train=train, splits=dict(splits or {}),
+      tokenizer_dir="", text_tokenizer="clip", bpe_path="",
+      tag_list="", max_tags=4585, ovad_annotations="", class_names="", fixture=False,
+      # Views are cut on the device from the image padded to max_image_size² (COCO's 640 px
+      # images are kept whole; larger ones are shrunk, their boxes with them).
+      max_image_size=640, caption_len=32, control_len=32, text_len=77))
+
+
+def smoke_real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a full-size real-data config to 2 CPU steps on the tiny fixture (data/fixture.py)
+  written under <workdir>/data: the toy model, the CLIP BPE text tokenizer, no user files."""
+  c.model = toy_model()
+  c.model.text.vocab_size = AUTO          # 49408 from the CLIP BPE
+  c.model.text.eot_token_id = None        # CLIP pools at the EOT id (the largest)
+  c.trainable = [".*"]
+  c.frozen_dtype = ""
+  c.model_init = ""
+  c.data.dir = ""
+  c.data.fixture = True
+  c.data.max_image_size = 64
+  c.data.caption_len = c.data.control_len = 16
+  c.data.text_len = c.model.text.context_length
+  c.train = dict(batch_size=8, steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=1,
+                 async_checkpoint=False)
+  c.eval.batch_size = 8
+  c.sharding = sharding_config()
+  return c

@@ -64,6 +64,22 @@ def _encode(tokenizer, texts, length: int) -> np.ndarray:
   return _pad_ids(ids, length, tokenizer.eos_token_id)
 
 
+def _trim(ids: np.ndarray) -> np.ndarray:
+  """Drops the all-padding columns on the right (at least one column stays): the per-source
+  table is held in memory, and `_load_row` pads each row back to the full length."""
+  used = int(np.max(np.nonzero(ids.any(axis=0))[0], initial=0)) + 1 if ids.size else 1
+  return ids[:, :used]
+
+
+def _ragged(rows: list, tf):
+  """int32 ragged [N, None] from a list of int arrays (from row splits: fast for millions)."""
+  lengths = np.asarray([len(r) for r in rows], np.int64)
+  flat = (np.concatenate([np.asarray(r, np.int32).reshape(-1) for r in rows])
+          if lengths.sum() else np.zeros((0,), np.int32))
+  splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+  return tf.RaggedTensor.from_row_splits(tf.constant(flat, tf.int32), tf.constant(splits))
+
+
 def _single_id(tokenizer, text: str) -> int:
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   return ids[-1]  # sentencepiece may prefix a "▁" piece; the symbol is the last one
@@ -73,7 +89,7 @@ class _Tables:
   """Per-source constants, tokenised once on the host and captured by the tf.data graph."""
 
   def __init__(self, table: sources_lib.RegionTable, tokenizer, caption_len, control_len,
-               text_len):
+               text_len, text_tokenizer=None):
     tf = _tensorflow()
     self.n = len(table)
     self.num_tags = len(table.tag_vocab)
@@ -81,13 +97,17 @@ class _Tables:
     self.image_id = tf.constant(table.image_id)
     self.region_id = tf.constant(table.region_id)
     self.box = tf.constant(table.box)
-    self.caption_ids = tf.constant(_encode(tokenizer, table.caption, caption_len))
-    self.text_ids = tf.constant(_encode(tokenizer, table.caption, text_len))
+    self.caption_len, self.text_len = caption_len, text_len
+    self.caption_ids = tf.constant(_trim(_encode(tokenizer, table.caption, caption_len)))
+    if text_tokenizer is None:  # one tokenizer for the LM and the text tower (synthetic world)
+      text_ids = _encode(tokenizer, table.caption, text_len)
+    else:  # the text tower's own (CLIP BPE: SOT ... EOT, zero-padded)
+      text_ids = np.asarray(text_tokenizer(list(table.caption), text_len), np.int32)
+      text_ids = text_ids.reshape(len(table.caption), text_len)
+    self.text_ids = tf.constant(_trim(text_ids))
     self.category = tf.constant(table.category)
     self.attributes = tf.constant(table.attributes)
-    self.tag_ids = tf.ragged.constant([t.tolist() for t in table.tag_ids], dtype=tf.int32,
-                                      ragged_rank=1, row_splits_dtype=tf.int64) \
-        if self.n else None
+    self.tag_ids = _ragged(table.tag_ids, tf) if self.n else None
     vocab = list(table.tag_vocab) or ["<none>"]
     tag_tokens = tokenizer(vocab, add_special_tokens=False)["input_ids"]
     self.tag_tokens = tf.ragged.constant(tag_tokens, dtype=tf.int32, row_splits_dtype=tf.int64)
@@ -124,6 +144,11 @@ def _empty_control(t: _Tables):
   return tf.constant([t.bar, t.eos] + [0] * (t.control_len - 2), tf.int32)
 
 
+def _pad_to(ids, length: int):
+  tf = _tensorflow()
+  return tf.ensure_shape(tf.pad(ids, [[0, length - tf.shape(ids)[0]]]), [length])
+
+
 def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
   """One example dict (ARCHITECTURE.md batch format, unbatched) for table row `row`."""
   tf = _tensorflow()
@@ -148,7 +173,7 @@ def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
     control = _empty_control(t)
   else:
     control = _control_ids(t, tags, control_seed)
-  caption_ids = t.caption_ids[row]
+  caption_ids = _pad_to(t.caption_ids[row], t.caption_len)
   return {
       "image": tf.ensure_shape(image, [s, s, 3]),
       "image_hw": new_hw,
@@ -157,7 +182,7 @@ def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
       "caption_mask": tf.cast(caption_ids != 0, tf.int32),
       "control_ids": control,
       "control_mask": tf.cast(control != 0, tf.int32),
-      "text_ids": t.text_ids[row],
+      "text_ids": _pad_to(t.text_ids[row], t.text_len),
       "tags": tf.ensure_shape(multi_hot, [t.num_tags]),
       "category": t.category[row],
       "attributes": t.attributes[row],
@@ -176,11 +201,14 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
                         tokenizer, max_image_size: int, process_index: int = 0,
                         process_count: int = 1, start_step: int = 0, caption_len: int = 32,
                         control_len: int = 32, text_len: int = 32, prefetch: int = 2,
-                        with_ids: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                        with_ids: bool = False, text_tokenizer=None
+                        ) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator of this process's training batches (dict of numpy arrays, B = global /
   process_count rows), starting at global step `start_step`. See the module docstring.
 
   with_ids: also yield `image_id` and `region_id` (int64[B]), for tests and debugging.
+  text_tokenizer: `f(texts, length) -> int[N, length]` for `text_ids` (the text tower's CLIP
+    BPE, tokenizers/clip_bpe.ClipTokenizer); None: `tokenizer` as for the captions.
   """
   tf = _tensorflow()
   if global_batch_size % process_count:
@@ -190,7 +218,7 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
   if steps_per_epoch < 1:
     raise ValueError(f"{n} examples cannot fill one global batch of {global_batch_size}")
   local = global_batch_size // process_count
-  t = _Tables(source.table, tokenizer, caption_len, control_len, text_len)
+  t = _Tables(source.table, tokenizer, caption_len, control_len, text_len, text_tokenizer)
 
   def example(counter):
     step, r = counter // local, counter % local
@@ -222,7 +250,8 @@ class EvalIterable:
   """
 
   def __init__(self, source, *, global_batch_size, tokenizer, max_image_size, process_index=0,
-               process_count=1, caption_len=32, control_len=32, text_len=32, prefetch=2):
+               process_count=1, caption_len=32, control_len=32, text_len=32, prefetch=2,
+               text_tokenizer=None):
     if global_batch_size % process_count:
       raise ValueError(f"global batch {global_batch_size} not divisible by {process_count}")
     self.source = source
@@ -232,7 +261,8 @@ class EvalIterable:
     self.num_steps = -(-largest // self.local)
     self.max_image_size = max_image_size
     self.prefetch = prefetch
-    self._t = _Tables(source.table, tokenizer, caption_len, control_len, text_len)
+    self._t = _Tables(source.table, tokenizer, caption_len, control_len, text_len,
+                      text_tokenizer)
 
   def __len__(self) -> int:
     return self.num_steps

@@ -162,3 +162,59 @@ class JsonSource(Source):
     return table_from_coco_style(data, root, tag_vocab=vocab.get("tags", []),
                                  categories=vocab.get("categories", []),
                                  attribute_names=vocab.get("attributes", []))
+
+
+def remap_table(table: RegionTable, *, tag_vocab: Sequence[str], categories: Sequence[str],
+                attribute_names: Sequence[str], tag_parser=None) -> RegionTable:
+  """The same regions indexed by the model's vocabularies (the tables it was built with).
+
+  Category and attribute labels are matched by name (case-insensitive); a category the model
+  does not know becomes -1, an attribute the split does not label is -1 (ignore) in every row.
+  Tag ids are kept when the split was tagged with exactly `tag_vocab`; otherwise each caption is
+  parsed again against `tag_vocab` with `tag_parser` (data/tags.py), or left untagged without one.
+  """
+  cat_index = {c.lower(): i for i, c in enumerate(categories)}
+  cat_map = np.asarray([cat_index.get(c.lower(), -1) for c in table.categories] + [-1], np.int32)
+  category = cat_map[table.category]  # -1 (no category) indexes the trailing -1
+  own = {a.lower(): j for j, a in enumerate(table.attribute_names)}
+  attributes = np.full((len(table), len(attribute_names)), -1, np.int32)
+  for j, name in enumerate(attribute_names):
+    if name.lower() in own:
+      attributes[:, j] = table.attributes[:, own[name.lower()]]
+  if list(table.tag_vocab) == list(tag_vocab):
+    tag_ids = table.tag_ids
+  elif tag_parser is not None:
+    tag_ids = []
+    for caption in table.caption:
+      set1, set2 = tag_parser.tag_ids(str(caption))
+      tag_ids.append(np.asarray(sorted(set(set1) | set(set2)), np.int32))
+  else:
+    tag_ids = [np.zeros((0,), np.int32) for _ in range(len(table))]
+  return dataclasses.replace(table, tag_ids=tag_ids, category=category, attributes=attributes,
+                             tag_vocab=list(tag_vocab), categories=list(categories),
+                             attribute_names=list(attribute_names))
+
+
+class PreparedSource(Source):
+  """One prepared split (`JsonSource` records) seen through the model's vocabularies
+  (`remap_table`). `path` is the record file `<dir>/<split>.json`."""
+
+  def __init__(self, path: str, *, tag_vocab: Sequence[str], categories: Sequence[str],
+               attribute_names: Sequence[str], tag_parser=None):
+    super().__init__()
+    self.path = path
+    self._vocab = dict(tag_vocab=list(tag_vocab), categories=list(categories),
+                       attribute_names=list(attribute_names), tag_parser=tag_parser)
+
+  def _build_table(self) -> RegionTable:
+    directory, name = os.path.split(self.path)
+    table = JsonSource(directory, os.path.splitext(name)[0]).table
+    return remap_table(table, **self._vocab)
+
+
+class TableSource(Source):
+  """A source over a table already in memory."""
+
+  def __init__(self, table: RegionTable):
+    super().__init__()
+    self._table = table

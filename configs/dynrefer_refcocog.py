@@ -1,0 +1,43 @@
+r"""DynRefer fine-tuned on RefCOCOg (MDETR train split) for 3 epochs from the VG model, lr 1e-4
+per-epoch cosine, tag threshold 0.76 (SPEC §9); evaluated on RefCOCOg region captioning
+(GLaMM / Kosmos-2 val protocol, SPEC §14: METEOR 18.1, CIDEr 115.3).
+
+Data (tools/prepare_data.py): DATA/refcocog/train.json (finetune_refcocog_train.json,
+--dataset refcocog --tag_list ram_tag_list.txt), DATA/refcocog/val.json
+(finetune_refcocog_val_captions.json, --dataset captions).
+
+  # the VG model, converted: tools/convert_checkpoint.py --config configs/dynrefer_refcocog.py \
+  #     --dynrefer vg1.2_5e.pth ... --out ckpts/vg1.2_jax
+  python -m dynrefer_jax.train --config configs/dynrefer_refcocog.py --workdir workdirs/refcocog \
+      --config.data.dir=DATA --config.model_init=ckpts/vg1.2_jax
+  python -m dynrefer_jax.evaluate --config configs/dynrefer_refcocog.py \
+      --checkpoint workdirs/refcocog --config.data.dir=DATA --config.model_init=ckpts/vg1.2_jax
+  # the released fine-tuned weights (refcocog_ft.pth converted to ckpts/refcocog_jax):
+  python -m dynrefer_jax.evaluate --config configs/dynrefer_refcocog.py \
+      --checkpoint ckpts/refcocog_jax --config.data.dir=DATA
+
+Arguments: "" (full size), "smoke" (toy model, tiny fixture, 2 CPU steps).
+"""
+
+from configs import common
+
+SPLITS = {"refcocog": "refcocog/val"}
+
+
+def get_config(arg=None):
+  arg = arg or ""
+  c = common.base()
+  c.model = common.full_model()
+  c.model.tag_threshold = 0.76
+  c.data = common.real_data(train="refcocog/train", splits=SPLITS)
+  c.data.name = "refcocog"
+  c.optim.epochs = 3
+  c.train.batch_size = 512
+  c.eval = dict(batch_size=64, view_selection="phash", splits=list(SPLITS),
+                evaluators=dict(region_caption=dict(key="image_id")),
+                published="refcocog")
+  if arg == "smoke":
+    common.smoke_real(c)
+  elif arg:
+    raise ValueError(f"unknown argument {arg!r}: '' or 'smoke'")
+  return c
