@@ -241,7 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
     _load_model_init(state, config.model_init, config)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)
   total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
-  tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch)
+  tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch,
+                                      total_steps)
   opt_state, opt_shardings = init_optimizer(tx, state)
   rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)),
                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

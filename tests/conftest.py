@@ -21,3 +21,17 @@ def devices8():
   devices = jax.devices()
   assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
   return devices
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+  """configs/synthetic.py:smoke trained for its 2 steps, once per test session: a workdir with
+  data, metrics.jsonl and a checkpoint at step 2. Shared because compiling is the cost."""
+  from dynrefer_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("smoke_workdir")
+  summary = train.train(config_lib.load(os.path.join(ROOT, "configs", "synthetic.py:smoke")),
+                        str(workdir), progress=False)
+  return workdir, summary

@@ -45,14 +45,17 @@ def test_split_argv():
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "[!_]*.py"))))
-def test_every_config_runs_two_steps_in_smoke_mode(path, tmp_path):
+def test_every_config_runs_two_steps_in_smoke_mode(path, tmp_path, request):
   if os.path.basename(path) == "common.py":  # building blocks, not a runnable config
     return
   from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
   c = config_lib.load(path + ":smoke")
   assert c.train.steps == 2
-  summary = train.train(c, str(tmp_path), progress=False)
+  if os.path.basename(path) == "synthetic.py":  # the session's shared smoke run (conftest.py)
+    workdir, summary = request.getfixturevalue("smoke_workdir")
+  else:
+    workdir, summary = tmp_path, train.train(c, str(tmp_path), progress=False)
   assert summary["steps"] == 2
-  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert rows and rows[-1]["step"] == 2
   assert all(math.isfinite(r["loss"]) for r in rows)

@@ -105,11 +105,8 @@ def test_library_validation():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  from dynrefer_jax import config_lib, train
-  workdir = str(tmp_path_factory.mktemp("predict_run"))
-  train.train(config_lib.load(CONFIG), workdir, progress=False)
-  return workdir
+def trained(smoke_workdir):
+  return str(smoke_workdir[0])   # CONFIG trained for its 2 smoke steps (tests/conftest.py)
 
 
 def test_end_to_end_cli_and_library(files, trained, capsys):

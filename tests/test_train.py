@@ -27,5 +27,9 @@ def test_smoke_config_trains_and_the_loss_falls(tmp_path):
   assert last["loss"] < 0.75 * first["loss"], (first["loss"], last["loss"])
   for key in ("loss_lm", "loss_tag", "loss_rtc"):
     assert last[key] < first[key], (key, first[key], last[key])
+  # The per-step cosine spans the run's train.steps (no warm-up in smoke): half the peak lr at
+  # the midpoint, close to 0 at the end.
+  lr = {r["step"]: r["lr"] for r in rows}
+  assert abs(lr[16] - 0.0015) < 0.0003 and lr[steps] < 1e-4, (lr[16], lr[steps])
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   assert os.path.isdir(tmp_path / "checkpoints" / str(steps))
