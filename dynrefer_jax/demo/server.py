@@ -90,6 +90,8 @@ def decode_image(data: bytes, name: str, limits: Limits) -> np.ndarray:
                         f"{limits.max_pixels / 1e6:g} megapixels)", 413)
       im.load()
       arr = np.asarray(im.convert("RGB"), np.uint8)
+  except DemoError:
+    raise
   except UnidentifiedImageError:
     raise DemoError(f"{label} is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF are "
                     "accepted)") from None

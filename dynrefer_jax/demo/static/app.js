@@ -6,6 +6,7 @@
 const COLORS = ["#e6194b", "#3cb44b", "#0082c8", "#f58230", "#911eb4", "#46c8c8", "#f032e6",
   "#8cb400"];
 const MAX_VIEW = 720, MAX_VIEW_H = 540;  // on-screen size the image is fitted to
+const SHOWN_TAGS = 12;  // the rest behind "+N more" (an untrained model passes them all)
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -306,11 +307,13 @@ async function run() {
       body: JSON.stringify({image_id: state.imageId, boxes, views: viewsRequest()})});
     state.results = {...res, boxes};
     state.hover = null;
+    state.runs = (state.runs || 0) + 1;
     const used = res.views_used === "auto" ? "image prior" : `t = ${res.views_used.join(", ")}`;
     setStatus(`${res.regions.length} region${res.regions.length > 1 ? "s" : ""} in ` +
       `${fmt(res.seconds)} s (${used})`);
     renderResults();
     boxesChanged();
+    $("results").dataset.runs = String(state.runs);
   } catch (err) {
     setStatus("");
     showError(err.message);
@@ -351,10 +354,20 @@ function renderResults() {
   for (const r of state.results.regions) {
     const truth = truthFor(r.box);
     const tags = r.tags.length
-      ? el("div", {class: "chips"}, ...r.tags.map((t) => el("span",
-        {class: "chip", "data-testid": "tag", "data-name": t.name, "data-score": String(t.score)},
+      ? el("div", {class: "chips"}, ...r.tags.map((t, k) => el("span",
+        {class: "chip", "data-testid": "tag", "data-name": t.name, "data-score": String(t.score),
+          hidden: k >= SHOWN_TAGS},
         el("span", {class: "name", text: t.name}), el("span", {class: "score", text: fmt(t.score)}))))
       : el("span", {class: "none", text: `none above ${fmt(state.info.tag_threshold)}`});
+    if (r.tags.length > SHOWN_TAGS) {
+      const more = el("button", {type: "button", class: "more",
+        text: `+${r.tags.length - SHOWN_TAGS} more`});
+      more.addEventListener("click", () => {
+        tags.querySelectorAll(".chip[hidden]").forEach((c) => { c.hidden = false; });
+        more.remove();
+      });
+      tags.append(more);
+    }
     const attrs = el("div", {class: "attrs"}, ...r.attributes.map((a) => el("div",
       {class: "attr", "data-testid": "attribute", "data-name": a.name, "data-score": String(a.score)},
       el("span", {class: "name", text: a.name}),
