@@ -6,19 +6,24 @@ mean, bits built in a Python list); greedy top-2; then for each of the 3 views: 
 truncation, numpy crop of the whole image array, PIL bicubic resize to 224, /255, CLIP
 normalisation, box mapping. (torchvision is not installed here; its ToImage/ConvertImageDtype/
 Normalize are the numpy equivalents.) Ours is `select_ts("phash")` (+ `build_views`) jitted over
-a batch of regions, each row carrying its zero-padded image as in the batch contract.
+a batch of regions, each row carrying its zero-padded image as in the batch contract; `--impl`
+picks the hash/resize implementation ("auto": the per-region loops on CPU).
 
 Prints JSON lines: regions/s of (a) view selection (11 hashes + scoring) and (b) full view
 construction (selection + 3 crops resized and normalised), ours and the baseline, and ratios.
 
     .venv/bin/python tools/benchmark_views.py                       # CPU, 192 regions
-    .venv/bin/python tools/benchmark_views.py --batch 256 --repeats 5
+    .venv/bin/python tools/benchmark_views.py --impl dense          # the batched forms
+
+Baseline and ours run interleaved in one process, best of --repeats each; the 1-minute load
+average before each round is printed (the CPU may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -98,57 +103,65 @@ def make_regions(n: int, size: int, seed: int = 0):
   return (np.stack(images), np.array(hws, np.int32), np.array(boxes, np.float32), pil)
 
 
-def _best_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=192, help="regions per jitted call")
   parser.add_argument("--size", type=int, default=600, help="padded image side S")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--baseline_regions", type=int, default=96)
+  parser.add_argument("--impl", default="auto", help="hash impl / resize method: auto, loop, "
+                      "dense (hash) + blocked (resize)")
   args = parser.parse_args()
 
   images, hws, boxes, pil = make_regions(args.batch, args.size)
   dev_images, dev_hws, dev_boxes = map(jnp.asarray, (images, hws, boxes))
+  impl = args.impl
+  resize = {"auto": "auto", "loop": "loop", "dense": "blocked"}[impl]
 
-  select_fn = jax.jit(lambda i, s, b: select.select_ts("phash", i, s, b, 3))
+  select_fn = jax.jit(lambda i, s, b: select.select_ts("phash", i, s, b, 3, impl=impl))
 
   def full(i, s, b):
-    ts = select.select_ts("phash", i, s, b, 3)
-    return select.build_views(i, s, b, ts, OUT)
+    ts = select.select_ts("phash", i, s, b, 3, impl=impl)
+    return select.build_views(i, s, b, ts, OUT, method=resize)
 
   full_fn = jax.jit(full)
   jax.block_until_ready(select_fn(dev_images, dev_hws, dev_boxes))  # compile
   jax.block_until_ready(full_fn(dev_images, dev_hws, dev_boxes))
 
-  ours_select = _best_time(
-      lambda: jax.block_until_ready(select_fn(dev_images, dev_hws, dev_boxes)), args.repeats)
-  ours_full = _best_time(
-      lambda: jax.block_until_ready(full_fn(dev_images, dev_hws, dev_boxes)), args.repeats)
-
   m = min(args.baseline_regions, args.batch)
-  base_select = _best_time(lambda: [baseline_select(pil[k], boxes[k]) for k in range(m)],
-                           args.repeats)
   chosen = [baseline_select(pil[k], boxes[k]) for k in range(m)]
-  base_views = _best_time(lambda: [baseline_views(pil[k], chosen[k]) for k in range(m)],
-                          args.repeats)
+  # Interleaved in one process, best of N each: the machine is shared, so the load moves
+  # between runs; the ratio of the bests is the figure to read.
+  times = {"ours_select": [], "base_select": [], "ours_full": [], "base_views": []}
+  loads = []
+  for _ in range(args.repeats):
+    loads.append(os.getloadavg()[0])
+    times["ours_select"].append(_timed(
+        lambda: jax.block_until_ready(select_fn(dev_images, dev_hws, dev_boxes))))
+    times["base_select"].append(_timed(
+        lambda: [baseline_select(pil[k], boxes[k]) for k in range(m)]))
+    times["ours_full"].append(_timed(
+        lambda: jax.block_until_ready(full_fn(dev_images, dev_hws, dev_boxes))))
+    times["base_views"].append(_timed(
+        lambda: [baseline_views(pil[k], chosen[k]) for k in range(m)]))
+  best = {k: min(v) for k, v in times.items()}
 
   info = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-          "cpu": platform.processor() or platform.machine(), "batch": args.batch,
-          "size": args.size}
+          "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "batch": args.batch, "size": args.size, "impl": impl, "repeats": args.repeats,
+          "load_avg_1min": [round(x, 1) for x in loads]}
   rows = [
-      {"what": "select (11 hashes + scoring)", "ours_regions_per_s": args.batch / ours_select,
-       "baseline_regions_per_s": m / base_select},
+      {"what": "select (11 hashes + scoring)", "ours_regions_per_s": args.batch / best["ours_select"],
+       "baseline_regions_per_s": m / best["base_select"]},
       {"what": "full views (select + 3 crops, resize, normalise)",
-       "ours_regions_per_s": args.batch / ours_full,
-       "baseline_regions_per_s": m / (base_select + base_views)},
+       "ours_regions_per_s": args.batch / best["ours_full"],
+       "baseline_regions_per_s": m / (best["base_select"] + best["base_views"])},
   ]
   for row in rows:
     row["speedup"] = row["ours_regions_per_s"] / row["baseline_regions_per_s"]

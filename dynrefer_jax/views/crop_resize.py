@@ -9,16 +9,23 @@ rounding after each pass.
 Here each pass is a resampling matrix built from the integer crop box, with zero weight outside
 the crop, stored banded: for output pixel j, `start[j]` (an index into the padded image) and
 `weights[j, k]`, k < K, where K is the widest filter window any crop of the padded image can
-need (static). Three ways to apply it, all giving the same numbers:
-  "blocked" (default): 16 outputs at a time, a contiguous window of rows sliced out and
-             multiplied by that block's piece of the matrix: O(out·(16·S/out + K)·S) per view,
-             matmuls only. Fastest on CPU, and matmul-friendly on accelerators.
+need (static). Four ways to apply it, all giving the same numbers (up to float32 summation
+order at a rounding boundary):
+  "loop":    one view at a time (CPU). `lax.switch` picks PIL's pass order and a slab of the
+             image across the first pass that holds the crop (64…512 px or S), and each pass
+             runs 16 outputs at a time on a window sliced out of the slab (a real slice in a
+             loop, not a gather) times that block's piece of the dense weight matrix.
+  "blocked": the same blocks for all views at once (vmapped): O(out·(16·S/out + K)·S) per
+             view, matmuls only; matmul-friendly on accelerators, but the vmapped windows are
+             gathers, slow on CPU.
   "banded":  K row gathers and multiply-adds, O(out·K·S); XLA's CPU gather makes it slow there.
   "dense":   the matrix densified to [out, S] and applied with einsum, O(out·S²).
 
+"auto" (the default) takes "loop" on CPU with an unsharded batch, "blocked" otherwise.
+
 Pass order: PIL 13 runs the vertical pass first for crops that are much taller than wide
-(`vertical_first`); the image is square, so the first pass always runs along axis 0 of one of
-two layouts of it and costs the same either way.
+(`vertical_first`); in the batched forms the image is square, so the first pass always runs
+along axis 0 of one of two layouts of it and costs the same either way.
 
 Faithfulness to PIL: weights are computed as PIL's `precompute_coeffs` does (float32 here,
 double there) and then quantised to PIL's 22-bit fixed point; the result of each pass is

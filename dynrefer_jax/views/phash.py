@@ -10,10 +10,15 @@ built without materialising R: R has two taps per output, at monotone source ind
 A[:, y] is a difference of prefix sums of D₈'s weighted columns taken at the range of outputs
 whose taps land on y.
 
-Cost: 8·S² multiply-adds per crop (88·S² per region for its 11 crops), all in one batched matmul;
-A's construction is O(S) per crop (exact integer tap counts, two small prefix sums, row
-gathers). On an accelerator this is noise; on a 2-core CPU it is ~1-2× the original's per-crop
-OpenCV work at S = 600 (see tools/benchmark_views.py), since the padded image is touched whole.
+Two implementations, same bits up to float32 summation order (`impl`):
+  "dense": all crops of the batch at once, 8·S² multiply-adds per crop (88·S² per region) in
+           two batched matmuls over the whole padded image. Accelerators and sharded batches.
+  "loop":  one region at a time (CPU): the gray image and the 11 projections of the region,
+           then each crop contracted over the smallest window (32…512 px or S, per axis) that
+           holds it, the branch picked by `lax.switch` so only that one runs. On photographs
+           with boxes of all sizes that is ~0.4 of the dense work, and every intermediate is
+           per-region (cache-sized, reused across iterations) instead of a batch-sized buffer.
+"auto" takes "loop" on CPU with an unsharded batch, "dense" otherwise.
 
 `imagehash_phash` reproduces `imagehash.phash(crop)` (hash_size 8, highfreq_factor 4): PIL "L"
 conversion, PIL LANCZOS resize to 32×32 (antialiased, 8-bit rounding; `crop_resize` does it),
