@@ -98,7 +98,8 @@ def read_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
     mgr.close()
 
 
-def _params_dir(path: str) -> str:
+def checkpoint_dir(path: str) -> str:
+  """`path/checkpoints` when it exists (a workdir or a converter output), else `path`."""
   path = os.path.abspath(path)
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
@@ -115,7 +116,7 @@ def save_params(path: str, params: dict, meta: dict | None = None) -> None:
 def load_params(path: str, target: Any) -> dict:
   """The {"params": tree} of a converted checkpoint (`path` or `path/checkpoints`, latest step)
   onto `target`: ShapeDtypeStructs carrying shardings (dtypes are cast to the target's)."""
-  directory = _params_dir(path)
+  directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"model_init {path}: no such checkpoint directory")
   ck = Checkpointer(directory, async_save=False)

@@ -225,7 +225,21 @@ def _load_model_init(state: ModelState, path: str, config) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
           progress: bool = True) -> dict:
-  """Trains to config.train.steps; returns a summary dict (first/last loss, steps, timings)."""
+  """Trains to config.train.steps; returns a summary dict (first/last loss, steps, timings).
+
+  From the start SIGTERM / SIGINT only set a flag: the loop saves after the current step and
+  returns (summary["stopped_by_signal"]); the previous handlers are restored on return.
+  """
+  stop = {"stop": None}
+  previous_handlers = _install_signal_handlers(stop)
+  try:
+    return _train(config, workdir, data=data, progress=progress, stop=stop)
+  finally:
+    for sig, h in previous_handlers.items():
+      signal.signal(sig, h)
+
+
+def _train(config, workdir, *, data, progress, stop) -> dict:
   from dynrefer_jax.data import setup as data_setup  # pylint: disable=import-outside-toplevel
   initialize_distributed(config)
   workdir = os.path.abspath(workdir)
@@ -244,8 +258,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
   tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch,
                                       total_steps)
   opt_state, opt_shardings = init_optimizer(tx, state)
-  rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)),
-                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  # Replicated on the global mesh; make_array_from_callback also works across processes.
+  rng_host = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
+  rng = jax.make_array_from_callback(
+      rng_host.shape, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+      lambda idx: rng_host[idx])
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.train.keep_checkpoints,
@@ -254,12 +271,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
   abstract = {"trainable": ckpt_lib.abstract_with_shardings(state.trainable,
                                                             state.trainable_shardings),
               "opt_state": ckpt_lib.abstract_with_shardings(opt_state, opt_shardings),
-              "step": jax.ShapeDtypeStruct((), jnp.int32),
+              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rng.sharding),
               "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rng.sharding)}
   restored, source = checkpointer.restore(abstract), checkpointer.directory
   if restored is None and config.resume:
-    restored, source = ckpt_lib.Checkpointer(config.resume, async_save=False).restore(abstract), \
-        config.resume
+    resume_dir = ckpt_lib.checkpoint_dir(config.resume)
+    if not os.path.isdir(resume_dir):
+      raise TrainingError(f"config.resume={config.resume}: no such directory")
+    other = ckpt_lib.Checkpointer(resume_dir, async_save=False)
+    restored, source = other.restore(abstract), config.resume
+    other.close()
+    if restored is None:
+      raise TrainingError(f"config.resume={config.resume}: no readable checkpoint there")
   if restored is not None:
     _, st, meta = restored
     state.trainable, opt_state, rng = st["trainable"], st["opt_state"], st["rng"]
@@ -274,8 +297,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
   region_flops = flops_lib.flops_per_region(config.model, token_ids["tags"].shape[0])["total"]
 
   writer = MetricsWriter(workdir, enabled=is_main)
-  stop = {"stop": None}
-  previous_handlers = _install_signal_handlers(stop)
   it = data.train_iterator(start_step=start_step)
   first_loss = last_loss = None
   bar = None
@@ -331,8 +352,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
           print(f"received signal {stop['stop']}: saved step {step}, exiting", flush=True)
         break
   finally:
-    for sig, h in previous_handlers.items():
-      signal.signal(sig, h)
     if bar is not None:
       bar.close()
     checkpointer.close()
