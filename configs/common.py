@@ -53,9 +53,12 @@ def toy_model(vocab_size: int = AUTO) -> ml_collections.ConfigDict:
   m.vit = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,
                qkv_bias="qv", act="gelu", ln_eps=1e-6)
   m.roi = dict(output_size=4, sampling_ratio=2, aligned=False)
+  # BERT's init std 0.02 suits width 768 (pretrained anyway); trained from scratch at width 32
+  # it shrinks every residual branch ~10× per layer and the heads stall, so use width**-0.5.
   m.qformer = dict(num_layers=2, hidden=32, num_heads=4, mlp_dim=64, cross_attention_freq=2,
-                   dropout=0.0)
-  m.head = dict(hidden=32, num_layers=1, num_heads=2, mlp_dim=64, dropout=0.0)
+                   dropout=0.0, init_std=32 ** -0.5)
+  m.head = dict(hidden=32, num_layers=1, num_heads=2, mlp_dim=64, dropout=0.0,
+                init_std=32 ** -0.5)
   m.text = dict(vocab_size=vocab_size, context_length=24, width=32, depth=1, num_heads=2,
                 mlp_dim=64, output_dim=32, act="gelu", eot_token_id=1)
   m.lm = dict(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_heads=4,

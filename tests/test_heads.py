@@ -48,3 +48,18 @@ def test_pair_scores_match_torch_reference():
   ref = (x @ torch.tensor(np.asarray(pf["kernel"])) + torch.tensor(np.asarray(pf["bias"])))[..., 0]
   assert got.shape == (3, 7)
   np.testing.assert_allclose(np.asarray(got), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_init_std_sets_the_kernel_scale():
+  # BERT's 0.02 by default (the original); a toy trained from scratch passes width**-0.5.
+  from flax import nnx
+  from dynrefer_jax.models import heads, qformer
+  for std in (0.02, 0.5):
+    dec = heads.CrossAttentionDecoder(hidden=64, num_layers=1, num_heads=2, mlp_dim=128,
+                                      init_std=std, rngs=nnx.Rngs(0))
+    k = np.asarray(dec.layers[0].value.kernel[...])
+    assert abs(k.std() - std) < 0.1 * std, (k.std(), std)
+    qf = qformer.QFormer(num_layers=1, hidden=64, num_heads=2, mlp_dim=128, encoder_width=16,
+                         init_std=std, rngs=nnx.Rngs(0))
+    k = np.asarray(qf.layers[0].crossattention.value.kernel[...])
+    assert abs(k.std() - std) < 0.1 * std, (k.std(), std)

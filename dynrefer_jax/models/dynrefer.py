@@ -102,14 +102,16 @@ class DynRefer(nnx.Module):
                                                   rngs=rngs)
     self.cvem_mlp = fusion.FusionMLP(width, c.num_views, rngs=rngs, dtype=dtype)
     q = c.qformer
-    self.query_tokens = layers.param(rngs, layers.normal(0.02), (c.num_query_tokens, q.hidden),
+    self.query_tokens = layers.param(rngs, layers.normal(q.get("init_std", 0.02)),
+                                     (c.num_query_tokens, q.hidden),
                                      ("query", "embed"))
     self.Qformer = qformer.QFormer(**q, encoder_width=width, dtype=dtype, rngs=rngs)  # pylint: disable=invalid-name
 
     h = c.head
     text_dim = c.text.output_dim
     head_kw = dict(hidden=h.hidden, num_layers=h.num_layers, num_heads=h.num_heads,
-                   mlp_dim=h.mlp_dim, dropout=h.dropout, dtype=dtype, rngs=rngs)
+                   mlp_dim=h.mlp_dim, dropout=h.dropout, init_std=h.get("init_std", 0.02),
+                   dtype=dtype, rngs=rngs)
     dense = lambda i, o, axes=("embed", "mlp"): layers.Dense(i, o, rngs=rngs, axes=axes, dtype=dtype)
     self.tag_vision_proj = dense(q.hidden, h.hidden)
     self.tag_text_proj = dense(text_dim, h.hidden)

@@ -20,8 +20,9 @@ class CrossAttentionLayer(nnx.Module):
   """queries float[B, K, D] × memory float[B, M, D] → float[B, K, D]."""
 
   def __init__(self, hidden: int, num_heads: int, mlp_dim: int, *, dropout: float = 0.1,
-               ln_eps: float = 1e-12, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
-    init = layers.normal(0.02)
+               ln_eps: float = 1e-12, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+               init_std: float = 0.02):
+    init = layers.normal(init_std)
     dense = lambda i, o, axes: layers.Dense(i, o, rngs=rngs, axes=axes, kernel_init=init,
                                             bias_init=layers.zeros, dtype=dtype,
                                             param_dtype=param_dtype)
@@ -56,10 +57,11 @@ class CrossAttentionDecoder(nnx.Module):
 
   def __init__(self, *, hidden: int = 256, num_layers: int = 2, num_heads: int = 4,
                mlp_dim: int = 1024, dropout: float = 0.1, ln_eps: float = 1e-12,
-               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, init_std: float = 0.02):
     self.layers = nnx.List([
         CrossAttentionLayer(hidden, num_heads, mlp_dim, dropout=dropout, ln_eps=ln_eps,
-                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                            init_std=init_std)
         for _ in range(num_layers)])
 
   def __call__(self, queries: jax.Array, memory: jax.Array, *, train: bool = False,

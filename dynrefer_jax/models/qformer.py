@@ -37,10 +37,11 @@ class BertAttention(nnx.Module):
   """
 
   def __init__(self, hidden: int, kv_width: int, num_heads: int, *, dropout: float,
-               ln_eps: float, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+               ln_eps: float, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+               init_std: float = 0.02):
     if hidden % num_heads:
       raise ValueError(f"hidden {hidden} not divisible by {num_heads} heads")
-    init = dict(kernel_init=layers.normal(0.02), bias_init=layers.zeros, rngs=rngs,
+    init = dict(kernel_init=layers.normal(init_std), bias_init=layers.zeros, rngs=rngs,
                 dtype=dtype, param_dtype=param_dtype)
     self.query = layers.Dense(hidden, hidden, axes=("embed", "heads"), **init)
     self.key = layers.Dense(kv_width, hidden, axes=("embed", "heads"), **init)
@@ -74,12 +75,13 @@ class QFormerLayer(nnx.Module):
 
   def __init__(self, *, hidden: int, num_heads: int, mlp_dim: int, encoder_width: int,
                has_cross_attention: bool, dropout: float, ln_eps: float, rngs: nnx.Rngs,
-               dtype=None, param_dtype=jnp.float32):
-    kw = dict(dropout=dropout, ln_eps=ln_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+               dtype=None, param_dtype=jnp.float32, init_std: float = 0.02):
+    kw = dict(dropout=dropout, ln_eps=ln_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+              init_std=init_std)
     self.attention = BertAttention(hidden, hidden, num_heads, **kw)
     self.crossattention = (BertAttention(hidden, encoder_width, num_heads, **kw)
                            if has_cross_attention else None)
-    init = dict(kernel_init=layers.normal(0.02), bias_init=layers.zeros, rngs=rngs,
+    init = dict(kernel_init=layers.normal(init_std), bias_init=layers.zeros, rngs=rngs,
                 dtype=dtype, param_dtype=param_dtype)
     self.intermediate_query = layers.Dense(hidden, mlp_dim, axes=("embed", "mlp"), **init)
     self.output_query = layers.Dense(mlp_dim, hidden, axes=("mlp", "embed"), **init)
@@ -100,20 +102,22 @@ class QFormerLayer(nnx.Module):
 class QFormer(nnx.Module):
   """The BLIP-2 Q-Former on learned queries only (no text input, no pooler).
 
-  Init: BERT normal(0.02) kernels, zero biases, LayerNorms ones/zeros (in DynRefer everything is
-  then overwritten from the BLIP-2 stage-2 checkpoint).
+  Init: BERT normal(init_std = 0.02) kernels, zero biases, LayerNorms ones/zeros (in DynRefer
+  everything is then overwritten from the BLIP-2 stage-2 checkpoint; a toy model trained from
+  scratch wants init_std ≈ hidden**-0.5, or its residual branches start ~100× too small).
   """
 
   def __init__(self, *, num_layers: int = 12, hidden: int = 768, num_heads: int = 12,
                mlp_dim: int = 3072, encoder_width: int = 1408, cross_attention_freq: int = 2,
                dropout: float = 0.1, ln_eps: float = 1e-12, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
     self.layernorm = layers.LayerNorm(hidden, eps=ln_eps, rngs=rngs, param_dtype=param_dtype)
     self.layers = nnx.List([
         QFormerLayer(hidden=hidden, num_heads=num_heads, mlp_dim=mlp_dim,
                      encoder_width=encoder_width,
                      has_cross_attention=i % cross_attention_freq == 0, dropout=dropout,
-                     ln_eps=ln_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                     ln_eps=ln_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                     init_std=init_std)
         for i in range(num_layers)])
     self.dropout = dropout
 
