@@ -226,12 +226,15 @@ def _vocabulary(d, workdir: str, model_init: str, train_data: dict | None,
     raise DataError("no tag vocabulary: set --config.data.tag_list=ram_tag_list.txt (or "
                     "--config.model_init to a converted checkpoint with vocab.json)")
 
-  file_vocabs = {}
-  for name, path in eval_files.items():
-    if os.path.isfile(path):
-      file_vocabs[name] = _load_json(path, f"config.data.splits.{name}").get("vocab", {})
-  if train_data is not None:
-    file_vocabs["train"] = train_data.get("vocab", {})
+  cache = {}
+
+  def file_vocabs() -> dict:
+    """The label lists the split files were prepared with (read only when needed)."""
+    if not cache:
+      cache["train"] = train_data.get("vocab", {}) if train_data is not None else {}
+      for name, path in eval_files.items():
+        cache[name] = _load_json(path, f"config.data.splits.{name}").get("vocab", {})
+    return cache
 
   if d.ovad_annotations:
     obj = _load_json(d.ovad_annotations, "--config.data.ovad_annotations")
@@ -253,7 +256,7 @@ def _vocabulary(d, workdir: str, model_init: str, train_data: dict | None,
     v["attribute_templates"] = list(converted["attribute_templates"])
     v["template_to_attribute"] = np.asarray(converted["template_to_attribute"], np.int32)
   else:
-    labelled = [n for n, fv in file_vocabs.items() if fv.get("attributes")]
+    labelled = [n for n, fv in file_vocabs().items() if fv.get("attributes")]
     if labelled:
       raise DataError(f"split {labelled[0]!r} has attribute labels; their prompt templates "
                       "need OVAD's attribute records: set "
@@ -270,7 +273,7 @@ def _vocabulary(d, workdir: str, model_init: str, train_data: dict | None,
   elif converted is not None:
     v["categories"] = list(converted["categories"])
   else:
-    v["categories"] = list(dict.fromkeys(c for fv in file_vocabs.values()
+    v["categories"] = list(dict.fromkeys(c for fv in file_vocabs().values()
                                          for c in fv.get("categories", [])))
   v["class_prompts"] = [f"the {c.lower()}" for c in v["categories"]]
   v["source"] = converted_root
