@@ -13,7 +13,9 @@ optimizer state and batch computed from their shardings.
 
 The batch is the trainer's (docs/ARCHITECTURE.md) at the sizes of the flags; the full-size
 defaults are VG's: 1024-px padded images, 32 caption and control tokens, 77 text tokens, 4585
-tags, 474 attribute templates over 117 attributes, 80 classes. CPU memory figures are XLA's
+tags, 474 attribute templates over 117 attributes, 80 classes. `--set KEY=VALUE` overrides any
+config entry (e.g. fewer layers, to extrapolate when the full compile is too slow for the
+machine: parameters and saved activations grow linearly with depth). CPU memory figures are XLA's
 estimate for a CPU program; an accelerator's scheduler and fusion differ, so leave a margin.
 """
 
@@ -134,6 +136,8 @@ def main(argv=None) -> int:
   p.add_argument("--num-templates", type=int, default=474)
   p.add_argument("--num-attributes", type=int, default=117)
   p.add_argument("--num-classes", type=int, default=80)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. --set model.vit.depth=4 (repeatable)")
   p.add_argument("--out", default="", help="also write the JSON here")
   args = p.parse_args(argv)
   try:
@@ -164,6 +168,7 @@ def main(argv=None) -> int:
             config.model[key].vocab_size = 1024
     else:
       config = full_config(mesh_shape, args.remat or "none")
+    config = config_lib.override(config, args.set)
     mesh = sharding.make_mesh(dict(config.sharding.mesh), devices=devices[:args.devices])
     text_len = args.text_len or config.model.text.context_length
     report = plan(config, mesh, args.regions_per_device, image_size=args.image_size,
