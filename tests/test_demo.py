@@ -335,8 +335,8 @@ def _assert_same(shown, want):
 def test_demo_in_chromium_matches_predict(checkpoint, tmp_path):
   sync_playwright = _browser_or_skip()
   from dynrefer_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-  # A synthetic scene no example shows (another split and index), as a PNG file on disk.
-  image, _, object_boxes, _ = synthetic.render_image(0, "heldout", 5, 128)
+  # A synthetic test scene that no example shows, larger than the model's input, on disk.
+  image, _, object_boxes, _ = synthetic.render_image(0, "test", demo.NUM_EXAMPLES + 1, 128)
   png = tmp_path / "scene.png"
   Image.fromarray(image).save(png)
   notes = tmp_path / "notes.txt"
@@ -414,8 +414,8 @@ def test_demo_in_chromium_matches_predict(checkpoint, tmp_path):
             page.screenshot(path=shot, full_page=True)
             print(f"\n[demo] screenshot: {shot}; server ready after {ready:.0f}s; "
                   f"first predict {predict_s:.1f}s")
-          for more in page.locator(".more").all():  # long tag lists: "+N more" shows the rest
-            more.click()
+          while page.locator(".more").count():  # long tag lists: "+N more" shows the rest
+            page.locator(".more").first.click()
           tags = page.locator("[data-testid=tag]").all()
           assert len(tags) == sum(len(r["tags"]) for r in expected)
           assert all(t.is_visible() for t in tags)

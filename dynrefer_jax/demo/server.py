@@ -66,6 +66,14 @@ class Limits:
   max_boxes: int = 16
 
 
+def _shown_path(path: str) -> str:
+  """Relative to the working directory when inside it (the page shows it in its header)."""
+  if not path:
+    return path
+  rel = os.path.relpath(os.path.abspath(path))
+  return path if rel.startswith("..") else rel
+
+
 def _mb(n: int) -> str:
   return f"{n / 2**20:.1f} MB"
 
@@ -302,7 +310,8 @@ class Engine:
 
   def info(self) -> dict:
     return {
-        "checkpoint": self.checkpoint, "step": self.runner.step, "num_views": self.num_views,
+        "checkpoint": _shown_path(self.checkpoint), "step": self.runner.step,
+        "num_views": self.num_views,
         "task_ts": {k: list(v) for k, v in self.task_ts.items()},
         "fixed_by_config": list(self.fixed_by_config),
         "tag_threshold": float(self.runner.config.model.tag_threshold),
@@ -471,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(rest)
     spec = spec or DEFAULT_CONFIG
     config = config_lib.load(spec, overrides)
-    predict.checkpoint_root(args.checkpoint)
+    try:
+      predict.checkpoint_root(args.checkpoint)
+    except predict.PredictError as e:
+      hint = "; `bash run.sh` writes it" if args.checkpoint == DEFAULT_CHECKPOINT else ""
+      raise DemoError(f"{e}{hint}") from None
     if not 0 <= args.port <= 65535:
       raise DemoError(f"--port must be in [0, 65535], got {args.port}")
     if args.batch_size < 1:
@@ -489,7 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: cannot listen on 127.0.0.1:{args.port}: {e.strerror or e}", file=sys.stderr)
     return 2
   print(f"[demo] loading {args.checkpoint} ({spec})", file=sys.stderr, flush=True)
-  engine = Engine.load(config, args.checkpoint, batch_size=args.batch_size, limits=limits)
+  try:
+    engine = Engine.load(config, args.checkpoint, batch_size=args.batch_size, limits=limits)
+  except predict.PredictError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"[demo] step {engine.runner.step}; compiling", file=sys.stderr, flush=True)
   seconds = engine.warm_up()
   server.RequestHandlerClass.engine = engine

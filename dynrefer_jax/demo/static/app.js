@@ -27,6 +27,8 @@ function el(tag, attrs = {}, ...children) {
 }
 const color = (i) => COLORS[i % COLORS.length];
 const fmt = (x, d = 2) => Number(x).toFixed(d);
+// exp(beam score) of a long caption is often far below 0.01: keep its magnitude readable.
+const confidence = (x) => (x >= 0.01 || x === 0 ? fmt(x) : Number(x).toExponential(1));
 
 // ---------------------------------------------------------------------------- messages
 function showError(message) {
@@ -382,7 +384,7 @@ function renderResults() {
         el("span", {class: "caption", "data-testid": "caption", text: r.caption}),
         el("span", {class: "pill", title: "caption confidence: exp(beam score)",
           "data-testid": "caption-score", "data-score": String(r.caption_score),
-          text: `confidence ${fmt(r.caption_score)}`})),
+          text: `confidence ${confidence(r.caption_score)}`})),
       truth ? el("div", {class: "truth", text: `true caption: ${truth}`}) : null,
       el("div", {class: "row"}, el("span", {class: "label", text: "category"}),
         el("span", {},
