@@ -134,8 +134,12 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from dynrefer_jax.data import setup as data_setup  # pylint: disable=import-outside-toplevel
-  runner = predict_lib.Runner.load(config, args.checkpoint)
-  data = data_setup.prepare(config, root)
+  try:
+    runner = predict_lib.Runner.load(config, args.checkpoint)
+    data = data_setup.prepare(config, root)
+  except (data_setup.DataError, predict_lib.PredictError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)  # a missing data file or checkpoint piece: one line
+    return 2
   predictor = runner.predictor("auto")
   ev_cfg = config.eval.get("evaluators", {})
   ev_cfg = ev_cfg.to_dict() if hasattr(ev_cfg, "to_dict") else dict(ev_cfg)

@@ -479,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
   except (PredictError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  runner = Runner.load(config, args.checkpoint, batch_size=args.batch_size)
+  from dynrefer_jax.data import setup as data_setup  # pylint: disable=import-outside-toplevel
+  try:
+    runner = Runner.load(config, args.checkpoint, batch_size=args.batch_size)
+  except (data_setup.DataError, PredictError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)  # a missing data file or checkpoint piece: one line
+    return 2
   regions = runner.predict(image, boxes.tolist(), views)
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.splitext(os.path.basename(args.image))[0]
