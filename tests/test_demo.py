@@ -422,6 +422,24 @@ def test_demo_in_chromium_matches_predict(checkpoint, tmp_path):
           for card, want in zip(cards, expected):
             _assert_same(_region_on_page(card), want)
 
+        # A synthetic scene with its true boxes, seen with the attributes task prior.
+        page.locator("[data-testid=example]").nth(1).click()
+        page.wait_for_function("document.getElementById('stage').dataset.imageId === 'example-2'")
+        page.click("#scene-boxes")
+        n = page.locator("[data-testid=box]").count()
+        assert n >= 3
+        page.check("input[name=views][value=task]")
+        page.select_option("#task", "attributes")
+        page.click("[data-testid=run]")
+        page.wait_for_function("document.getElementById('results').dataset.runs === '3'"
+                               " || !document.getElementById('error').hidden")
+        assert error.is_hidden(), error.text_content()
+        assert page.locator("[data-testid=region]").count() == n
+        assert page.locator(".truth").count() == n  # each true box shows its true caption
+        shown_ts = [float(v.get_attribute("data-t"))
+                    for v in page.locator("[data-testid=view]").all()]
+        np.testing.assert_allclose(shown_ts, list(demo.TASK_TS["attributes"]) * n, atol=1e-6)
+
         # No box: a readable message, then the page still works.
         page.click("#clear")
         page.click("[data-testid=run]")
