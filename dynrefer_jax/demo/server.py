@@ -355,6 +355,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     self._send(status, json.dumps(obj).encode(), "application/json")
 
   def _fail(self, e: Exception):
+    if self.command == "POST":
+      self.close_connection = True  # the body may be unread: it must not parse as a request
     if isinstance(e, DemoError):
       self._json(e.status, {"error": str(e)})
       return
