@@ -90,7 +90,7 @@ def read_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
       raise FileNotFoundError(f"no checkpoint in {directory}")
     meta = mgr.item_metadata(step)["state"]
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
-                                is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
+                                is_leaf=lambda x: hasattr(x, "value_type"))
     out = mgr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(restore_args=restore_args)))
     return step, out["state"]

@@ -96,6 +96,17 @@ def test_restore_onto_a_different_mesh_gives_identical_values(tmp_path, devices8
       np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
 
 
+def test_read_numpy_reads_a_trainer_checkpoint(tmp_path, devices8):
+  mesh = sharding.make_mesh((1, 8, 1), devices8)
+  tree, _ = _tree(mesh)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  ck.save(7, {"trainable": tree, "opt_state": (None, {"count": jax.numpy.int32(7)})}, {})
+  ck.close()
+  step, got = ckpt_lib.read_numpy(str(tmp_path / "ck"))
+  assert step == 7 and int(got["opt_state"][1]["count"]) == 7
+  np.testing.assert_array_equal(got["trainable"]["b"], np.asarray(tree["b"]))
+
+
 def test_model_init_round_trip(tmp_path, devices8):
   """config.model_init's format (save_params / the converter's layout) restores onto shardings
   with the target's dtype."""
