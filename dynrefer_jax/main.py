@@ -125,12 +125,12 @@ def write_gallery(path: str, cached: list[tuple[dict, dict]], data, num: int = 1
 
   # Spread the picks over images: the first region of each batch row group, then the rest.
   rows = [(b, p, i) for b, p in cached for i in range(len(p["caption"])) if b["mask"][i]]
-  seen, picks = set(), []
+  seen, first, rest = set(), [], []
   for b, p, i in rows:
-    if int(b["image_id"][i]) not in seen:
-      seen.add(int(b["image_id"][i]))
-      picks.append((b, p, i))
-  picks = (picks + [r for r in rows if r not in picks])[:num]
+    image_id = int(b["image_id"][i])
+    (rest if image_id in seen else first).append((b, p, i))
+    seen.add(image_id)
+  picks = (first + rest)[:num]
   attrs, cats = data.attribute_names, data.category_names
   num_views = picks[0][1]["ts"].shape[1] if picks else 0
   fig, axes = plt.subplots(len(picks), num_views + 2, figsize=(2.0 * (num_views + 1) + 6.5,
