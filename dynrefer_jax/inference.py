@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynrefer_jax import functional
+from dynrefer_jax.views import boxes as view_boxes
 from dynrefer_jax.views import select as views
 
 
@@ -64,6 +65,12 @@ class Predictor:
 
   def __call__(self, params, batch: dict) -> dict:
     keys = ("image", "image_hw", "box")
+    # Reject NaN / inverted / outside boxes before the step, naming the region (padding rows,
+    # mask False, are skipped).
+    rows = np.flatnonzero(np.asarray(batch.get("mask", np.ones(len(batch["box"]), bool))))
+    ids = np.asarray(batch["region_id"])[rows] if "region_id" in batch else rows
+    view_boxes.validate_boxes(np.asarray(batch["box"])[rows], np.asarray(batch["image_hw"])[rows],
+                              ids)
     heads = self._heads(params, {k: batch[k] for k in keys})
     tag_scores = np.asarray(heads["tag_scores"])
     controls = self.control_strings(tag_scores)

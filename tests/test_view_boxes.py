@@ -132,3 +132,15 @@ def test_validate_boxes_accepts_valid_and_degenerate():
   boxes = np.array([[1, 1, 10, 10], [5, 5, 5, 5], [0, 0, 100, 100], [-10, -5, 30, 200]],
                    np.float32)
   vb.validate_boxes(boxes, np.array([[100, 100]] * 4, np.int32))
+
+
+def test_predictor_rejects_bad_boxes_before_the_step_naming_the_region():
+  # Inference validates the real rows (mask True) and names them by region_id; padding rows
+  # (zero boxes on zero-size images) are not checked.
+  from dynrefer_jax.inference import Predictor
+  batch = {"box": np.array([[1, 1, 5, 5], [np.nan, 0, 3, 3], [0, 0, 0, 0]], np.float32),
+           "image_hw": np.array([[10, 10], [10, 10], [0, 0]], np.int32),
+           "mask": np.array([True, True, False]), "region_id": np.array([70, 71, -1]),
+           "image": np.zeros((3, 10, 10, 3), np.uint8)}
+  with pytest.raises(ValueError, match=r"^region 71: box \[nan, 0.0, 3.0, 3.0\] has non-finite"):
+    Predictor.__call__(object.__new__(Predictor), None, batch)

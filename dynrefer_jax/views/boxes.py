@@ -128,7 +128,7 @@ def boxes_in_views(box: jax.Array, view_boxes: jax.Array, out_size: int,
   return jnp.trunc(rel.astype(jnp.float32) * ratio)
 
 
-def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
+def validate_boxes(box: np.ndarray, image_hw: np.ndarray, region_ids=None) -> None:
   """Host-side check before a step: rejects boxes the original could not process.
 
   Raises ValueError naming the first offending region index for: non-finite coordinates, a box
@@ -137,7 +137,9 @@ def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
 
   Args:
     box: float[B, 4] (x1, y1, x2, y2); image_hw: int[B, 2] (height, width).
+    region_ids: optional [B] names for the messages (default: the row index).
   """
+  name = lambda i: f"region {region_ids[i] if region_ids is not None else i}"
   box = np.asarray(box, np.float32)
   image_hw = np.asarray(image_hw)
   if box.ndim != 2 or box.shape[-1] != 4 or image_hw.shape != (box.shape[0], 2):
@@ -145,7 +147,7 @@ def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
   bad = ~np.isfinite(box).all(-1)
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f"region {i}: box {box[i].tolist()} has non-finite coordinates")
+    raise ValueError(f"{name(i)}: box {box[i].tolist()} has non-finite coordinates")
   h = image_hw[:, 0].astype(np.float32)
   w = image_hw[:, 1].astype(np.float32)
   x1, x2 = np.clip(box[:, 0], 0, w), np.clip(box[:, 2], 0, w)
@@ -153,7 +155,7 @@ def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
   bad = (x2 < x1) | (y2 < y1)
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f"region {i}: box {box[i].tolist()} has x2 < x1 or y2 < y1 after clipping "
+    raise ValueError(f"{name(i)}: box {box[i].tolist()} has x2 < x1 or y2 < y1 after clipping "
                      f"to the {int(w[i])}x{int(h[i])} image")
   # Apply the 1-px rule in numpy and look for crops left empty by clipping.
   forced = np.asarray(force_min_size(jnp.asarray(box), jnp.asarray(image_hw)))
@@ -162,5 +164,5 @@ def validate_boxes(box: np.ndarray, image_hw: np.ndarray) -> None:
   bad = (x2 <= x1) | (y2 <= y1)
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f"region {i}: box {box[i].tolist()} is empty after clipping to the "
+    raise ValueError(f"{name(i)}: box {box[i].tolist()} is empty after clipping to the "
                      f"{int(w[i])}x{int(h[i])} image")
