@@ -345,9 +345,12 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
         _check_finite(float(metrics["loss"]), step, checkpointer)
       if bar is not None:
         bar.update(1)
-      if must_save:
-        _save(checkpointer, step, state, opt_state, rng, config, force=bool(stop["stop"]))
-      if stop["stop"]:
+      stopping = bool(stop["stop"])  # read once: a signal may land between two reads
+      if must_save or stopping:
+        if not must_save:
+          _check_finite(float(metrics["loss"]), step, checkpointer)
+        _save(checkpointer, step, state, opt_state, rng, config, force=True)
+      if stopping:
         if is_main:
           print(f"received signal {stop['stop']}: saved step {step}, exiting", flush=True)
         break
@@ -375,8 +378,11 @@ def _save(checkpointer, step, state, opt_state, rng, config, *, force=False):
           "frozen_source": config.model_init or f"random init (seed {config.seed})",
           "process_count": jax.process_count(),
           "config": json.loads(config.to_json_best_effort())}
+  # A global (replicated) array: Orbax refuses host-local arrays when there are several hosts.
+  step_array = jax.make_array_from_callback((), rng.sharding,
+                                            lambda _: np.asarray(step, np.int32))
   checkpointer.save(step, {"trainable": state.trainable, "opt_state": opt_state,
-                           "step": jnp.int32(step), "rng": rng}, meta, force=force)
+                           "step": step_array, "rng": rng}, meta, force=force)
 
 
 def main(argv: list[str] | None = None) -> int:
