@@ -50,8 +50,9 @@ def toy_model(vocab_size: int = AUTO) -> ml_collections.ConfigDict:
   m = full_model()
   m.dtype = "float32"
   m.num_query_tokens = 8
+  # Trained from scratch: 2-D sincos positions (EVA's 0.02 init leaves a bag of patches).
   m.vit = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,
-               qkv_bias="qv", act="gelu", ln_eps=1e-6)
+               qkv_bias="qv", act="gelu", ln_eps=1e-6, pos_init="sincos2d")
   m.roi = dict(output_size=4, sampling_ratio=2, aligned=False)
   # BERT's init std 0.02 suits width 768 (pretrained anyway); trained from scratch at width 32
   # it shrinks every residual branch ~10× per layer and the heads stall, so use width**-0.5.

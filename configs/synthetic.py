@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.trainable = [".*"]           # nothing is pretrained in the synthetic world
   c.frozen_dtype = ""
   c.model = common.toy_model()
+  c.model.vit.patch_size = 4     # an 8x8 patch grid per 32-px view: shapes need the detail
   # No pretrained text tower here: half of the region-text training texts are true class prompts
   # or attribute templates (multi-positive SigLIP labels), standing in for CLIP pretraining so
   # that zero-shot recognition and attribute scoring work as in the original.
@@ -40,6 +41,7 @@ def get_config(arg=None):
                 evaluators=dict(region_caption=dict(key="region_id")))
 
   if arg == "smoke":
+    c.model.vit.patch_size = 8
     c.data.num_images = dict(train=8, val=4, test=4, heldout=4)
     c.data.image_size = 64
     c.data.max_image_size = 64

@@ -184,3 +184,17 @@ def test_bf16_compute_close_to_float32():
   out = VisionTransformer(dtype=jnp.bfloat16, rngs=nnx.Rngs(5), **kw)(x)
   assert out.dtype == jnp.bfloat16
   assert rel_err(out.astype(jnp.float32), ref) < 5e-2
+
+
+def test_sincos2d_position_init_by_hand():
+  # grid 2, width 8: ω = (1, 1/100); patch (row y=1, col x=0) is row 2 of the table.
+  from dynrefer_jax.models import eva_vit
+  table = np.asarray(eva_vit.posemb_sincos_2d(2, 8))
+  w = np.array([1.0, 0.01])
+  np.testing.assert_allclose(table[2], np.concatenate([np.sin(0 * w), np.cos(0 * w),
+                                                       np.sin(1 * w), np.cos(1 * w)]), atol=1e-6)
+  vit = eva_vit.VisionTransformer(image_size=8, patch_size=4, width=8, depth=1, num_heads=2,
+                                  mlp_dim=16, pos_init="sincos2d", rngs=nnx.Rngs(0))
+  pos = np.asarray(vit.pos_embed[...])
+  np.testing.assert_array_equal(pos[0], 0.0)           # the CLS row
+  np.testing.assert_allclose(pos[1:], table, atol=1e-6)

@@ -192,6 +192,19 @@ class PatchEmbed(nnx.Module):
     return x
 
 
+def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+  """float[grid·grid, width] for row-major patches (x = column, y = row): the blocks
+  [sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)] with ω_k = temperature^(−k / (width/4)), k < width/4,
+  as big_vision's "sincos2d"."""
+  if width % 4:
+    raise ValueError(f"width {width} must be divisible by 4 for sincos2d")
+  y, x = jnp.mgrid[:grid, :grid]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4))
+  y = y.reshape(-1, 1) * omega[None]
+  x = x.reshape(-1, 1) * omega[None]
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+
+
 class VisionTransformer(nnx.Module):
   """ViT with a CLS token and absolute position embedding; returns all tokens.
 
@@ -202,8 +215,8 @@ class VisionTransformer(nnx.Module):
   def __init__(self, *, image_size: int = 224, patch_size: int = 14, width: int = 1408,
                depth: int = 39, num_heads: int = 16, mlp_dim: int = 6144, qkv_bias: str = "qv",
                act: str = "gelu", ln_eps: float = 1e-6, pre_norm: bool = False,
-               post_norm: bool = False, patch_bias: bool = True, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               post_norm: bool = False, patch_bias: bool = True, pos_init: str = "normal",
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} not divisible by patch_size {patch_size}")
     self.patch_size, self.width, self.dtype = patch_size, width, dtype
@@ -211,8 +224,18 @@ class VisionTransformer(nnx.Module):
     self.patch_embed = PatchEmbed(patch_size, width, use_bias=patch_bias, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
     self.cls_token = layers.param(rngs, layers.normal(0.02), (width,), ("embed",), param_dtype)
-    self.pos_embed = layers.param(rngs, layers.normal(0.02), (1 + grid * grid, width),
-                                  (None, "embed"), param_dtype)
+    # "normal": EVA's trunc-normal-like 0.02 (the weights are pretrained anyway); "sincos2d":
+    # big_vision's fixed-frequency 2-D init (CLS row 0), for a ViT trained from scratch, where
+    # 0.02 positions drown under the patch embeddings and the model sees a bag of patches.
+    if pos_init == "normal":
+      pos_fn = layers.normal(0.02)
+    elif pos_init == "sincos2d":
+      pos_fn = lambda _key, shape, dtype=jnp.float32: jnp.concatenate(
+          [jnp.zeros((1, width), dtype), posemb_sincos_2d(grid, width).astype(dtype)])
+    else:
+      raise ValueError(f"unknown pos_init {pos_init!r}: normal or sincos2d")
+    self.pos_embed = layers.param(rngs, pos_fn, (1 + grid * grid, width), (None, "embed"),
+                                  param_dtype)
     self.ln_pre = (layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
                    if pre_norm else None)
     self.blocks = nnx.List([
