@@ -83,17 +83,25 @@ def read_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
 
   No target shardings are needed: every leaf is read whole onto the host.
   """
-  mgr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+  mgr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   try:
     step = mgr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
     meta = mgr.item_metadata(step)["state"]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
-                                is_leaf=lambda x: hasattr(x, "value_type"))
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def args_for(entry):  # arrays whole onto one local device (any saved topology), then numpy
+      if type(entry).__name__ == "ArrayMetadata" or getattr(entry, "value_type", "") == "jax.Array":
+        return ocp.ArrayRestoreArgs(sharding=one)
+      return ocp.RestoreArgs()
+    is_entry = lambda x: hasattr(x, "value_type") or type(x).__name__.endswith("Metadata")
+    restore_args = jax.tree.map(args_for, meta, is_leaf=is_entry)
     out = mgr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(restore_args=restore_args)))
-    return step, out["state"]
+    return step, jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x,
+                              out["state"])
   finally:
     mgr.close()
 
