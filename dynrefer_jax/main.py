@@ -239,7 +239,7 @@ def write_report(workdir: str, config, results: dict, summary: dict, wall: float
 
 
 ABLATION_NAMES = {"t0": "single view t=0", "t1": "single view t=1",
-                  "random2": "2 views (t=0 + 1 random at training)",
+                  "random2": "2 views (t=0 + 1 random in training; pHash at inference)",
                   "phash3": "3 views, pHash prior (DynRefer)"}
 
 
