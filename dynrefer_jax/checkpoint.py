@@ -138,15 +138,20 @@ def load_params(path: str, target: Any) -> dict:
     ck.close()
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
-  """Writes JSON to a temporary file in the same directory, then renames it into place."""
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes text to a temporary file in the same directory, then renames it into place."""
   d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1)
+      f.write(text)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  """atomic_write_text of JSON (numpy scalars written as floats)."""
+  atomic_write_text(path, json.dumps(obj, indent=1, default=float))

@@ -15,13 +15,13 @@ tools/convert_checkpoint.py output (see dynrefer_jax.predict).
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 
 import jax
 import numpy as np
 
+from dynrefer_jax import checkpoint as ckpt_lib
 from dynrefer_jax import config_lib
 from dynrefer_jax.evaluators import common as eval_common
 # Registration side effects: each module registers its evaluator.
@@ -34,6 +34,12 @@ EVALUATORS = ("region_caption", "dense_caption", "attributes", "recognition")
 def predict_split(predictor: Predictor, params, dataset) -> list[tuple[dict, dict]]:
   """[(batch, predictions)] over one pass of the dataset."""
   return [(batch, predictor(params, batch)) for batch in dataset]
+
+
+def evaluator_config(config) -> dict:
+  """config.eval.evaluators as a plain dict: {evaluator name: its keyword arguments}."""
+  cfg = config.eval.get("evaluators", {})
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def run_evaluators(cached: list[tuple[dict, dict]], names=EVALUATORS, cfg=None) -> dict:
@@ -109,12 +115,6 @@ def results_table(results: dict, published: dict | None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: str, text: str) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
@@ -141,8 +141,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)  # a missing data file or checkpoint piece: one line
     return 2
   predictor = runner.predictor("auto")
-  ev_cfg = config.eval.get("evaluators", {})
-  ev_cfg = ev_cfg.to_dict() if hasattr(ev_cfg, "to_dict") else dict(ev_cfg)
+  ev_cfg = evaluator_config(config)
   results = {"step": runner.step}
   synthetic = config.data.name == "synthetic"
   for split in args.split or list(config.eval.splits):
@@ -158,8 +157,8 @@ def main(argv=None) -> int:
   results["published"] = {k: {"readme": r, "paper": q} for k, (r, q) in (published or {}).items()}
   out = args.out or root
   os.makedirs(out, exist_ok=True)
-  _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float))
-  _atomic_write(os.path.join(out, "results.md"), results_table(results, published))
+  ckpt_lib.atomic_write_json(os.path.join(out, "results.json"), results)
+  ckpt_lib.atomic_write_text(os.path.join(out, "results.md"), results_table(results, published))
   print(results_table(results, published))
   return 0
 

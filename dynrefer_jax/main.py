@@ -10,7 +10,6 @@ checkpoints/.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -66,8 +65,7 @@ OVER_TRAINING = ("region_caption", "attributes", "recognition")
 def metrics_over_training(config, workdir: str, data, split: str = "val") -> list[dict]:
   """Evaluates every kept checkpoint on `split` (captioning, attributes, recognition): the
   rows of metrics_over_training.json and metrics.png. One model build, one compile."""
-  ev_cfg = config.eval.get("evaluators", {})
-  ev_cfg = ev_cfg.to_dict() if hasattr(ev_cfg, "to_dict") else dict(ev_cfg)
+  ev_cfg = eval_lib.evaluator_config(config)
   state, predictor, rows = None, None, []
   for step in checkpoint_steps(workdir):
     state, _ = restore_params(config, workdir, data, step=step, state=state)
@@ -77,14 +75,8 @@ def metrics_over_training(config, workdir: str, data, split: str = "val") -> lis
     rows.append({k: row[k] for k in ["step"] + [k for k, _ in HEADLINE if k in row]})
     print(f"[main] {split} at step {step}: " + ", ".join(
         f"{name} {row[k]:.1f}" for k, name in HEADLINE if k in row), flush=True)
-  _atomic_json(os.path.join(workdir, "metrics_over_training.json"), rows)
+  ckpt_lib.atomic_write_json(os.path.join(workdir, "metrics_over_training.json"), rows)
   return rows
-
-
-def _atomic_json(path: str, obj) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, default=float)
-  os.replace(path + ".tmp", path)
 
 
 def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
@@ -100,8 +92,7 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
   for split in splits or config.eval.splits:
     t0 = time.time()
     cached = eval_lib.predict_split(predictor, params, data.eval_iterator(split))
-    ev_cfg = config.eval.get("evaluators", {})
-    ev_cfg = ev_cfg.to_dict() if hasattr(ev_cfg, "to_dict") else dict(ev_cfg)
+    ev_cfg = eval_lib.evaluator_config(config)
     results[split] = eval_lib.run_evaluators(cached, cfg=ev_cfg)
     results[split + "/baseline"] = eval_lib.baselines(train_summary, cached, cfg=ev_cfg)
     results[split + "/seconds"] = time.time() - t0
@@ -111,7 +102,7 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
         for b, p in cached[:1] for i in range(min(12, len(p["caption"]))) if b["mask"][i]]
     if split == (splits or config.eval.splits)[0]:
       write_gallery(os.path.join(workdir, "gallery.png"), cached, data)
-  _atomic_json(os.path.join(workdir, "results.json"), results)
+  ckpt_lib.atomic_write_json(os.path.join(workdir, "results.json"), results)
   return results
 
 
@@ -231,9 +222,7 @@ def write_report(workdir: str, config, results: dict, summary: dict, wall: float
   lines += ["![loss per head](loss.png)", "", "## Gallery (test split)", "",
             "![gallery](gallery.png)", ""]
   path = os.path.join(workdir, "report.md")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  os.replace(path + ".tmp", path)
+  ckpt_lib.atomic_write_text(path, "\n".join(lines))
   _plot_losses(workdir)
   return path
 
@@ -324,14 +313,12 @@ def main(argv=None) -> int:
         print("\n".join(ablation_table(ablation)), flush=True)
       path = os.path.join(workdir, "report.md")
       os.makedirs(workdir, exist_ok=True)
-      _atomic_json(os.path.join(workdir, "ablation.json"), ablation)
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(["# DynRefer on the synthetic region world: view ablation", "",
-                            f"Each variant: {config.train.steps} steps, batch "
-                            f"{config.train.batch_size}; total wall time "
-                            f"{(time.time() - t0) / 60:.1f} min.", ""]
-                           + ablation_table(ablation)))
-      os.replace(path + ".tmp", path)
+      ckpt_lib.atomic_write_json(os.path.join(workdir, "ablation.json"), ablation)
+      ckpt_lib.atomic_write_text(path, "\n".join(
+          ["# DynRefer on the synthetic region world: view ablation", "",
+           f"Each variant: {config.train.steps} steps, batch {config.train.batch_size}; "
+           f"total wall time {(time.time() - t0) / 60:.1f} min.", ""]
+          + ablation_table(ablation)))
     else:
       summary, results, rows = run_one(config, workdir)
       path = write_report(workdir, config, results, summary, time.time() - t0, rows)
