@@ -1,0 +1,497 @@
+r"""Speed of DynRefer on one accelerator: the jitted train step, caption generation, the ViT.
+
+  python tools/benchmark.py --regions 64 --steps 10 --out bench.jsonl     # full size, random weights
+  python tools/benchmark.py --weights ckpts/vg1.2_jax --vit-fp8           # converted weights, + fp8
+  HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu python tools/benchmark.py \
+      --config configs/synthetic.py:smoke --regions 8 --steps 2          # toy size, on a CPU
+
+Builds the model from a config (default: `configs/common.py` `full_model()` in `base()`, i.e.
+EVA ViT-g/14 on 3 views, RoI-Align, aligner, fusion, Q-Former, both heads, text tower, FlanT5-XL)
+with random weights, or a tools/convert_checkpoint.py output (`--weights` or config.model_init),
+and times at `--regions` regions per step (median of `--steps` calls after `--warmup`, each
+waited for with jax.block_until_ready):
+
+- `vit_forward`: the vision tower alone on regions × views images of random pixels;
+- `train`: `dynrefer_jax.train.jit_train_step` (the trainer's shardings, donation, remat) on a
+  random batch (tools/memory_plan.py's batch, 20 caption and 8 control tokens as the anchor);
+- `caption`: views → vision tower → RoI-Align/aligner/fusion/Q-Former → beam search (2 beams,
+  20 new tokens, repetition penalty 1.5, EOS blocked for 20 tokens as the anchor's
+  min_new_tokens), one jitted function; view t fixed at linspace(0, 1, V), no heads (the anchor
+  times region tokens + generate).
+
+Modes run in the anchor's order (vit_forward, train, caption) so that the cumulative peak memory
+after `train` compares with the anchor's `peak_gib` (torch.cuda.max_memory_allocated, also never
+reset). Each prints one JSON line: regions/s, step_s (median), achieved TFLOP/s by
+dynrefer_jax/flops.py (the anchor's count: 1.99 TFLOP per training region at full size; caption:
+the forward parts + T5 encoder + per beam and token the decoder), peak_bytes
+(device.memory_stats()['peak_bytes_in_use'], null where the backend has none), compile_s (trace +
+lower + XLA compile, ahead of time), the device kind, date and command. A first `setup` line has
+the build time and parameter counts. A mode that fails prints status "error" and the rest go on.
+
+`--vit-fp8` then repeats vit_forward and train with config.model.vit_fp8 (dynrefer_jax/models/fp8.py)
+and prints a `vit_fp8` line with the ViT features' relative error against bf16 on the same images.
+Until fp8.py is wired into the tower (its docstring), the lowered fp8 forward has no f8 dot and
+the line says the wiring is pending instead of timing bf16 under an fp8 label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+MODES = ("vit_forward", "train", "caption")
+ANCHOR_CONTROL_LEN, ANCHOR_CAPTION_LEN = 8, 20   # bench/torch_anchor.py's ctrl and labels
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def load_config(spec: str, sets: list[str]):
+  """configs/<name>.py[:arg] (default: the full-size model), with vit_fp8 settable by --set."""
+  from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
+  import memory_plan  # pylint: disable=import-outside-toplevel
+  if spec:
+    config = config_lib.load(spec, [])
+  else:
+    config = memory_plan.full_config((-1, 1, 1), "none")
+  with config.unlocked():
+    for key in ("text", "lm"):           # AUTO vocabularies: no tokenizer is read here
+      if config.model[key].vocab_size == -1:
+        config.model[key].vocab_size = 1024
+    config.model.vit_fp8 = bool(config.model.get("vit_fp8", False))
+  return config_lib.override(config, sets)
+
+
+def text_token_ids(config, *, num_tags: int, num_templates: int, num_attributes: int,
+                   num_classes: int, seed: int = 0) -> dict:
+  """Random token ids of the tag / template / class tables (their embeddings are computed at
+  init); template t scores attribute t mod A."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rs = np.random.RandomState(seed)
+  t = config.model.text
+  ids = {k: rs.randint(2, t.vocab_size, (n, t.context_length)).astype(np.int32)
+         for k, n in (("tags", num_tags), ("attributes", num_templates), ("classes", num_classes))}
+  ids["template_to_attribute"] = (np.arange(num_templates) % num_attributes).astype(np.int32)
+  return ids
+
+
+def random_batch(config, regions: int, *, image_size: int, text_len: int, num_tags: int,
+                 num_attributes: int, num_classes: int, seed: int = 0) -> dict:
+  """One training batch (docs/ARCHITECTURE.md) of random values, as numpy arrays."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import memory_plan  # pylint: disable=import-outside-toplevel
+  spec = memory_plan.batch_spec(config, regions, image_size=image_size,
+                                caption_len=ANCHOR_CAPTION_LEN, control_len=ANCHOR_CONTROL_LEN,
+                                text_len=text_len, num_tags=num_tags,
+                                num_attributes=num_attributes)
+  rs = np.random.RandomState(seed)
+  s = image_size
+  xy = rs.uniform(0, s / 2, (regions, 2))
+  wh = rs.uniform(s / 16, s / 2, (regions, 2))
+  lm_vocab, text_vocab = config.model.lm.vocab_size, config.model.text.vocab_size
+  values = {
+      "image": lambda shape: rs.randint(0, 256, shape),
+      "image_hw": lambda shape: np.full(shape, s),
+      "box": lambda shape: np.concatenate([xy, np.minimum(xy + wh, s)], 1),
+      "caption_ids": lambda shape: rs.randint(2, lm_vocab, shape),
+      "caption_mask": np.ones,
+      "control_ids": lambda shape: rs.randint(2, lm_vocab, shape),
+      "control_mask": np.ones,
+      "text_ids": lambda shape: rs.randint(1, text_vocab, shape),
+      "tags": lambda shape: rs.uniform(size=shape) < 0.002,
+      "category": lambda shape: rs.randint(0, num_classes, shape),
+      "attributes": lambda shape: rs.randint(-1, 2, shape),
+      "mask": np.ones,
+  }
+  return {k: np.asarray(values[k](shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
+
+
+def build_state(config, ids: dict, weights: str):
+  """train.ModelState on all local devices: random init, or `weights` (a converted directory)
+  restored straight onto the shardings."""
+  from dynrefer_jax import sharding, train  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(dict(config.sharding.mesh))
+  if not weights:
+    return train.build_model(config, ids, mesh)
+  _, state = train.abstract_model(config, ids, mesh)
+  train._load_model_init(state, weights, config)  # pylint: disable=protected-access
+  return state
+
+
+def converted_ids(weights: str) -> dict:
+  """The table shapes of a converted checkpoint (its vocab.json)."""
+  from dynrefer_jax import predict  # pylint: disable=import-outside-toplevel
+  root, _ = predict.checkpoint_root(weights)
+  return predict.Vocab.from_converted(root).text_token_ids
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def peak_bytes():
+  """device.memory_stats()['peak_bytes_in_use'] of the first local device, None if unknown."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def time_calls(run, steps: int, warmup: int) -> tuple[float, list[float]]:
+  """(median seconds, every timed call): `run()` returns something to block on."""
+  import jax  # pylint: disable=import-outside-toplevel
+  for _ in range(warmup):
+    jax.block_until_ready(run())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def aot_compile(jitted, *args) -> tuple[object, float, float]:
+  """(compiled, lower seconds, compile seconds): tracing + lowering, then XLA."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def caption_flops_per_region(m, *, num_beams: int, new_tokens: int,
+                             n_control: int = ANCHOR_CONTROL_LEN) -> float:
+  """Forward matmul FLOPs per captioned region, in flops.py's terms: ViT, the trainable vision
+  side once (flops.py counts it 3× for training), T5 encoder, and per beam and generated token
+  the decoder's per-token term (8·d·inner + 3·d·ff per layer) plus the LM head."""
+  from dynrefer_jax import flops  # pylint: disable=import-outside-toplevel
+  f = flops.flops_per_region(m, num_tags=1)
+  vision = f["vit"] + (f["qformer"] + f["fusion"] + f["align"]) / 3
+  lm = m.lm
+  d, inner, ff = lm.d_model, lm.num_heads * lm.d_kv, lm.d_ff
+  enc = 2 * (m.num_query_tokens + n_control) * lm.num_encoder_layers * (4 * d * inner + 3 * d * ff)
+  per_token = 2 * lm.num_decoder_layers * (8 * d * inner + 3 * d * ff) + 2 * d * lm.vocab_size
+  return float(vision + enc + num_beams * new_tokens * per_token)
+
+
+def relative_errors(graphdef, params, feats, ref) -> dict:
+  """‖a − b‖ / ‖b‖ of ViT features float[N, L, C] (fp8 a, bf16 b), raw and after ln_vision,
+  and the worst token's after ln_vision."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def errors(params, a, b):
+    ln = functional.merge(graphdef, params).ln_vision
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    la, lb = ln(a), ln(b)
+    token = jnp.linalg.norm(la - lb, axis=-1) / jnp.maximum(jnp.linalg.norm(lb, axis=-1), 1e-30)
+    return {"rel_error_vit": jnp.linalg.norm(a - b) / jnp.linalg.norm(b),
+            "rel_error_ln_vision": jnp.linalg.norm(la - lb) / jnp.linalg.norm(lb),
+            "max_token_rel_error_ln_vision": jnp.max(token)}
+  return {k: float(v) for k, v in jax.device_get(errors(params, feats, ref)).items()}
+
+
+@dataclasses.dataclass
+class Bench:
+  """One benchmark run: the model, its inputs and where the JSON lines go."""
+  config: object
+  state: object
+  ids: dict                       # the text tables' token ids the state was built with
+  batch: dict                     # numpy
+  args: argparse.Namespace
+  common: dict
+  out_lines: list = dataclasses.field(default_factory=list)
+  failed: bool = False
+
+  def emit(self, record: dict) -> None:
+    line = json.dumps({**record, **self.common}, default=float)
+    print(line, flush=True)
+    self.out_lines.append(line + "\n")
+    if self.args.out:
+      from dynrefer_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+      ckpt_lib.atomic_write_text(self.args.out, "".join(self.out_lines))
+
+  def measured(self, mode: str, *, step_s: float, times: list, compile_s: float, lower_s: float,
+               flops_per_region: float | None, fp8: bool, **extra) -> None:
+    regions = self.args.regions
+    peak = peak_bytes()
+    self.emit({"mode": mode, "status": "ok", "vit_fp8": fp8, "regions": regions,
+               "steps": len(times), "warmup": self.args.warmup,
+               "step_s": step_s, "step_s_min": min(times), "step_s_max": max(times),
+               "regions_per_s": regions / step_s,
+               "flops_per_region": flops_per_region,
+               "tflops_per_s": (None if flops_per_region is None
+                                else flops_per_region * regions / step_s / 1e12),
+               "compile_s": compile_s, "lower_s": lower_s,
+               "peak_bytes": peak, "peak_gib": None if peak is None else peak / 2**30, **extra})
+
+
+# ------------------------------------------------------------------------------ modes
+
+def vit_fn(graphdef):
+  """(params, images float[N, S, S, 3]) → the vision tower's features float[N, 1 + P, C]."""
+  from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
+  return lambda params, images: functional.merge(graphdef, params).visual_encoder(images)
+
+
+def caption_fn(graphdef, m, gen: dict):
+  """(params, batch with image, image_hw, box, control_ids, control_mask) → (ids int[B, T],
+  scores float[B]): views at t = linspace(0, 1, V) → region tokens → beam search."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.views import select as views  # pylint: disable=import-outside-toplevel
+  dtype = jnp.dtype(m.get("dtype") or "float32")
+
+  def caption(params, batch):
+    model = functional.merge(graphdef, params)
+    n = batch["box"].shape[0]
+    ts = jnp.broadcast_to(jnp.linspace(0.0, 1.0, m.num_views), (n, m.num_views))
+    pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
+                                       m.vit.image_size)
+    z = model.encode_views(pixels.astype(dtype), vboxes)
+    return model.caption(z, batch["control_ids"], batch["control_mask"].astype(bool), **gen)
+  return caption
+
+
+def caption_settings(args) -> dict:
+  """The anchor's decoding: EOS blocked until new_tokens are out (its min_new_tokens)."""
+  return dict(num_beams=args.beams, max_new_tokens=args.new_tokens,
+              repetition_penalty=args.repetition_penalty, length_penalty=0.0,
+              min_length=args.new_tokens + 1)  # + the decoder start token, as HF counts it
+
+def run_vit_forward(b: Bench, graphdef, *, fp8: bool = False):
+  """The vision tower on regions × views random images; returns (features, images)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import flops  # pylint: disable=import-outside-toplevel
+  m = b.config.model
+  n = b.args.regions * m.num_views
+  dtype = jnp.dtype(m.get("dtype") or "float32")
+  images = jax.jit(lambda k: jax.random.normal(k, (n, m.vit.image_size, m.vit.image_size, 3),
+                                               dtype))(jax.random.key(1))
+  params = b.state.params()
+  compiled, lower_s, compile_s = aot_compile(jax.jit(vit_fn(graphdef)), params, images)
+  step_s, times = time_calls(lambda: compiled(params, images), b.args.steps, b.args.warmup)
+  per_region = flops.flops_per_region(m, num_tags=1)["vit"]
+  b.measured("vit_forward", step_s=step_s, times=times, compile_s=lower_s + compile_s,
+             lower_s=lower_s, flops_per_region=per_region, fp8=fp8, images=n,
+             images_per_s=n / step_s)
+  return compiled(params, images), images
+
+
+def run_train(b: Bench, graphdef, *, fp8: bool = False) -> None:
+  """Steps of the trainer's jitted update; the state goes on from the last step."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import flops, optim, train  # pylint: disable=import-outside-toplevel
+  state = dataclasses.replace(b.state, graphdef=graphdef)
+  tx, schedule = optim.make_optimizer(b.config.optim, state.trainable, steps_per_epoch=1000)
+  opt_state, opt_sh = train.init_optimizer(tx, state)
+  batch_sh = train.batch_shardings(b.batch, state.mesh, state.rules)
+  batch = {k: jax.device_put(v, batch_sh[k]) for k, v in b.batch.items()}
+  replicated = jax.sharding.NamedSharding(state.mesh, jax.sharding.PartitionSpec())
+  rng = jax.device_put(np.asarray(jax.random.key_data(jax.random.key(0))), replicated)
+  step = train.jit_train_step(state, tx, schedule, opt_sh, batch_sh,
+                              remat=b.config.model.get("remat", "none"))
+  compiled, lower_s, compile_s = aot_compile(step, state.trainable, opt_state, state.frozen,
+                                             batch, rng)
+  carry = {"trainable": state.trainable, "opt": opt_state, "loss": None}
+
+  def run():
+    carry["trainable"], carry["opt"], metrics = compiled(carry["trainable"], carry["opt"],
+                                                         state.frozen, batch, rng)
+    carry["loss"] = metrics["loss"]
+    return metrics["loss"]
+
+  step_s, times = time_calls(run, b.args.steps, b.args.warmup)
+  b.state.trainable = carry["trainable"]  # the old buffers were donated
+  per_region = flops.flops_per_region(b.config.model, num_tags=b.batch["tags"].shape[1])["total"]
+  b.measured("train", step_s=step_s, times=times, compile_s=lower_s + compile_s,
+             lower_s=lower_s, flops_per_region=per_region, fp8=fp8,
+             loss=float(carry["loss"]), remat=b.config.model.get("remat", "none"))
+
+
+def run_caption(b: Bench, graphdef, *, fp8: bool = False) -> None:
+  """Views → region tokens → beam search, as one jitted function."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
+  m, a = b.config.model, b.args
+  gen = caption_settings(a)
+  keys = ("image", "image_hw", "box", "control_ids", "control_mask")
+  batch_sh = train.batch_shardings({k: b.batch[k] for k in keys}, b.state.mesh, b.state.rules)
+  batch = {k: jax.device_put(b.batch[k], batch_sh[k]) for k in keys}
+  params = b.state.params()
+  compiled, lower_s, compile_s = aot_compile(jax.jit(caption_fn(graphdef, m, gen)), params, batch)
+  step_s, times = time_calls(lambda: compiled(params, batch), a.steps, a.warmup)
+  ids, _ = compiled(params, batch)
+  b.measured("caption", step_s=step_s, times=times, compile_s=lower_s + compile_s,
+             lower_s=lower_s, fp8=fp8, generated_tokens=int(ids.shape[1]),
+             flops_per_region=caption_flops_per_region(m, num_beams=a.beams,
+                                                       new_tokens=a.new_tokens),
+             **{k: v for k, v in gen.items() if k != "length_penalty"})
+
+
+def fp8_graphdef(b: Bench):
+  """(graphdef with config.model.vit_fp8 = True, whether its lowered ViT forward has f8 dots)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
+  config = b.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.vit_fp8 = True
+  graphdef = train.abstract_model(config, b.ids, b.state.mesh)[1].graphdef
+  m = config.model
+  image = jax.ShapeDtypeStruct((1, m.vit.image_size, m.vit.image_size, 3),
+                               jnp.dtype(m.get("dtype") or "float32"))
+  hlo = jax.jit(vit_fn(graphdef)).lower(b.state.params(), image).as_text()
+  return graphdef, "f8e4m3fn" in hlo.lower()
+
+
+# ------------------------------------------------------------------------------ main
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python tools/benchmark.py",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="", help="configs/<name>.py[:arg]; default: full size")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. --set model.remat=dots (repeatable)")
+  p.add_argument("--weights", default="", help="a tools/convert_checkpoint.py output "
+                 "(default: config.model_init, else random init)")
+  p.add_argument("--regions", type=int, default=64, help="regions per step")
+  p.add_argument("--steps", type=int, default=10, help="timed calls per mode (median reported)")
+  p.add_argument("--warmup", type=int, default=3, help="untimed calls before them")
+  p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
+  p.add_argument("--vit-fp8", action="store_true",
+                 help="also vit_forward and train with the fp8 ViT, and its feature error")
+  p.add_argument("--beams", type=int, default=2)
+  p.add_argument("--new-tokens", type=int, default=20)
+  p.add_argument("--repetition-penalty", type=float, default=1.5)
+  p.add_argument("--image-size", type=int, default=0,
+                 help="padded image side of the batch (0: config.data.max_image_size, else 640)")
+  p.add_argument("--num-tags", type=int, default=4585)
+  p.add_argument("--num-templates", type=int, default=474)
+  p.add_argument("--num-attributes", type=int, default=117)
+  p.add_argument("--num-classes", type=int, default=80)
+  p.add_argument("--budget-s", type=float, default=0.0,
+                 help="skip the modes that would start after this many seconds (0: no limit)")
+  p.add_argument("--out", default="", help="also write the JSON lines here (rewritten "
+                 "atomically after each line)")
+  args = p.parse_args(argv)
+  modes = [x for x in args.modes.split(",") if x]
+  bad = [x for x in modes if x not in MODES]
+  if bad or not modes:
+    p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+  if min(args.regions, args.steps) < 1 or args.warmup < 0:
+    p.error("--regions and --steps must be at least 1, --warmup at least 0")
+  args.modes = [x for x in MODES if x in modes]
+  return args
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  import jax  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
+  try:
+    config = load_config(args.config, args.set)
+  except (ValueError, config_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  weights = args.weights or config.get("model_init", "") or ""
+  if weights:
+    ids = converted_ids(weights)
+  else:
+    ids = text_token_ids(config, num_tags=args.num_tags, num_templates=args.num_templates,
+                         num_attributes=args.num_attributes, num_classes=args.num_classes)
+  image_size = args.image_size or config.get("data", {}).get("max_image_size", 640)
+  text_len = config.model.text.context_length
+  batch = random_batch(config, args.regions, image_size=image_size, text_len=text_len,
+                       num_tags=ids["tags"].shape[0],
+                       num_attributes=int(ids["template_to_attribute"].max()) + 1,
+                       num_classes=ids["classes"].shape[0])
+  dev = jax.local_devices()[0]
+  common = {"config": args.config or "full_model", "weights": weights or "random",
+            "device_kind": dev.device_kind, "platform": dev.platform,
+            "num_devices": jax.device_count(), "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python tools/benchmark.py " + " ".join(argv)}
+  t0 = time.perf_counter()
+  state = build_state(config, ids, weights)
+  jax.block_until_ready(state.frozen)
+  b = Bench(config, state, ids, batch, args, common)
+  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  b.emit({"mode": "setup", "status": "ok", "build_s": time.perf_counter() - t0,
+          "trainable_parameters": count(state.trainable),
+          "frozen_parameters": count(state.frozen), "image_size": image_size,
+          "num_tags": int(ids["tags"].shape[0]), "frozen_dtype": config.frozen_dtype,
+          "dtype": config.model.get("dtype"), "peak_bytes": peak_bytes()})
+
+  def attempt(mode, fn, *fn_args, **kw):
+    elapsed = time.perf_counter() - t_start
+    if args.budget_s and elapsed > args.budget_s:
+      b.emit({"mode": mode, "status": "skipped", "vit_fp8": kw.get("fp8", False),
+              "reason": f"time budget: {elapsed:.0f} s elapsed of {args.budget_s:.0f} s"})
+      return None
+    try:
+      return fn(b, *fn_args, **kw)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      b.failed = True
+      b.emit({"mode": mode, "status": "error", "vit_fp8": kw.get("fp8", False),
+              "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+      return None
+
+  runners = {"vit_forward": run_vit_forward, "train": run_train, "caption": run_caption}
+  base_fp8 = bool(config.model.get("vit_fp8", False))   # --set model.vit_fp8=true
+  vit_out = None
+  for mode in args.modes:
+    out = attempt(mode, runners[mode], state.graphdef, fp8=base_fp8)
+    if mode == "vit_forward":
+      vit_out = out
+  if args.vit_fp8:
+    graphdef = attempt("vit_fp8", run_fp8, vit_out)
+    if graphdef is not None and "train" in args.modes:
+      attempt("train", run_train, graphdef, fp8=True)
+  return 1 if b.failed else 0
+
+
+def run_fp8(b: Bench, vit_out, fp8: bool = True):
+  """The fp8 ViT: the wiring check, then vit_forward in fp8 and the features' error against the
+  bf16 forward on the same images. Returns the fp8 graphdef, None when not measured."""
+  del fp8
+  if b.config.model.get("train_vision_encoder", False):
+    b.emit({"mode": "vit_fp8", "status": "skipped", "vit_fp8": True,
+            "reason": "the vision tower is trainable in this config (fp8 needs a frozen one)"})
+    return None
+  graphdef, wired = fp8_graphdef(b)
+  if not wired:
+    b.emit({"mode": "vit_fp8", "status": "pending", "vit_fp8": True,
+            "message": "fp8 ViT wiring pending: the lowered ViT forward with "
+                       "config.model.vit_fp8=True has no f8 dot; dynrefer_jax/models/fp8.py "
+                       "says where it must be wired. No fp8 figure is measured."})
+    return None
+  if vit_out is None:
+    vit_out = run_vit_forward(b, b.state.graphdef)
+  ref, images = vit_out
+  feats, _ = run_vit_forward(b, graphdef, fp8=True)
+  errors = relative_errors(b.state.graphdef, b.state.params(), feats, ref)
+  b.emit({"mode": "vit_fp8", "status": "ok", "vit_fp8": True, "images": int(images.shape[0]),
+          **errors, "within_1e-2": errors["rel_error_ln_vision"] <= 1e-2})
+  return graphdef
+
+
+if __name__ == "__main__":
+  sys.exit(main())
