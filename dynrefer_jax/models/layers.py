@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -192,4 +193,84 @@ def call_block(block: nnx.Module, x: jax.Array, *args, **kwargs) -> jax.Array:
       return blk(x, *args, **dynamic, **static)
     policy = REMAT_POLICIES[name]
     y = nnx.remat(run, policy=policy, prevent_cse=True)(block, x, args, dynamic)
+  return _constrain_block_output(y)
+
+
+def _constrain_block_output(y: jax.Array) -> jax.Array:
   return sharding.constrain(y, ("batch",) + (None,) * (y.ndim - 2) + ("embed",))
+
+
+# --- repeated blocks under lax.scan ------------------------------------------------------------
+
+def call_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *args, scan: bool = False,
+                **kwargs) -> jax.Array:
+  """x = call_block(block, x, *args, **kwargs) for each block in order.
+
+  scan=True runs the stack as one `jax.lax.scan` over layers, so that XLA reuses one block's
+  buffers instead of keeping every unrolled block's temporaries live (the full-size train step's
+  memory, BENCHMARKS.md). The parameter layout is unchanged (`blocks/{i}/...`): each block is
+  split into (graphdef, state) and the states are stacked leaf-wise here, in the forward pass (a
+  temporary of one stack's parameters, sharded like them). Blocks whose structure repeats with
+  a period p (the Q-Former's cross-attention every 2nd layer) are scanned p at a time; a stack
+  with no period below its length, or fewer than 2 periods, runs unrolled.
+
+  Inside the scan each block is rematerialised by the active `remat_policy` and its output
+  constrained as in `call_block`. An `nnx.Rngs` among the arguments is replaced, per block, by
+  `nnx.Rngs(dropout=fold_in(key, layer))` with one key drawn from its `dropout` stream (the
+  blocks draw dropout masks only): dropout still works, with other masks than the unrolled loop.
+  """
+  period = _period(blocks) if scan else None
+  if period is None or len(blocks) // period < 2:
+    for block in blocks:
+      x = call_block(block, x, *args, **kwargs)
+    return x
+
+  graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+  states = [state.to_pure_dict() for state in states]
+  num_groups = len(blocks) // period
+  # stacked[k]: the states of blocks k, k + p, k + 2p, ... with a leading layer axis.
+  stacked = tuple(jax.tree.map(lambda *leaves: jnp.stack(leaves), *states[k::period])
+                  for k in range(period))
+  rng_args = [i for i, a in enumerate(args) if isinstance(a, nnx.Rngs)]
+  rng_kwargs = [k for k, v in kwargs.items() if isinstance(v, nnx.Rngs)]
+  rng_objects = [args[i] for i in rng_args] + [kwargs[k] for k in rng_kwargs]
+  # An Rngs cannot be mutated inside the scan (another trace level): draw one key outside.
+  base_key = rng_objects[0].dropout() if rng_objects else None
+  static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))}
+  dynamic = {k: v for k, v in kwargs.items() if k not in static and k not in rng_kwargs}
+  args = tuple(None if i in rng_args else a for i, a in enumerate(args))
+  remat = REMAT_POLICIES[_REMAT.get()]
+
+  def apply(graphdef, state, x, args, dynamic, key):
+    block = nnx.merge(graphdef, nnx.State(state))
+    if key is not None:
+      rngs = nnx.Rngs(dropout=key)
+      args = tuple(rngs if i in rng_args else a for i, a in enumerate(args))
+      dynamic = {**dynamic, **{k: rngs for k in rng_kwargs}}
+    return block(x, *args, **dynamic, **static)
+
+  def body(x, xs):
+    group_states, layer = xs
+    for k in range(period):
+      key = None if base_key is None else jax.random.fold_in(base_key, layer * period + k)
+      fn = functools.partial(apply, graphdefs[k])
+      if _REMAT.get() != "none":
+        # prevent_cse is only needed outside scan/while (the JAX remat docs).
+        fn = jax.checkpoint(fn, policy=remat, prevent_cse=False)
+      x = _constrain_block_output(fn(group_states[k], x, args, dynamic, key))
+    return x, None
+
+  x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(num_groups)))
+  return x
+
+
+def _period(blocks: Sequence[nnx.Module]) -> int | None:
+  """The smallest p dividing len(blocks) with block i structured like block i mod p, else None."""
+  n = len(blocks)
+  if n < 2:
+    return None
+  graphdefs = [nnx.graphdef(block) for block in blocks]
+  for p in range(1, n // 2 + 1):
+    if n % p == 0 and all(graphdefs[i] == graphdefs[i % p] for i in range(p, n)):
+      return p
+  return None
