@@ -92,7 +92,9 @@ class DynRefer(nnx.Module):
     dtype = _dtype(c.get("dtype"))
     vit = dict(c.vit)
     width = vit["width"]
-    self.visual_encoder = eva_vit.VisionTransformer(**vit, dtype=dtype, rngs=rngs)
+    scan = bool(c.get("scan_layers", False))  # repeated blocks under lax.scan
+    self.visual_encoder = eva_vit.VisionTransformer(**vit, scan_layers=scan, dtype=dtype,
+                                                    rngs=rngs)
     self.ln_vision = layers.LayerNorm(width, eps=c.ln_vision_eps, rngs=rngs)
     if c.num_views > 1:
       # groups belongs to the DCNv4 aligner only; the paper's offset variant takes none.
@@ -105,7 +107,8 @@ class DynRefer(nnx.Module):
     self.query_tokens = layers.param(rngs, layers.normal(q.get("init_std", 0.02)),
                                      (c.num_query_tokens, q.hidden),
                                      ("query", "embed"))
-    self.Qformer = qformer.QFormer(**q, encoder_width=width, dtype=dtype, rngs=rngs)  # pylint: disable=invalid-name
+    self.Qformer = qformer.QFormer(**q, encoder_width=width, scan_layers=scan, dtype=dtype,  # pylint: disable=invalid-name
+                                   rngs=rngs)
 
     h = c.head
     text_dim = c.text.output_dim
@@ -126,7 +129,7 @@ class DynRefer(nnx.Module):
 
     self.text_encoder = text_tower.TextTransformer(**c.text, dtype=dtype, rngs=rngs)
     lm = c.lm
-    self.t5_model = t5_lib.T5(**lm, dtype=dtype, rngs=rngs)
+    self.t5_model = t5_lib.T5(**lm, scan_layers=scan, dtype=dtype, rngs=rngs)
     self.t5_proj = dense(q.hidden, lm.d_model)
     self.cem_memory = nnx.Param(jnp.zeros((lm.d_model,), jnp.float32), out_sharding=("embed",))
 

@@ -216,10 +216,12 @@ class VisionTransformer(nnx.Module):
                depth: int = 39, num_heads: int = 16, mlp_dim: int = 6144, qkv_bias: str = "qv",
                act: str = "gelu", ln_eps: float = 1e-6, pre_norm: bool = False,
                post_norm: bool = False, patch_bias: bool = True, pos_init: str = "normal",
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               scan_layers: bool = False, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} not divisible by patch_size {patch_size}")
     self.patch_size, self.width, self.dtype = patch_size, width, dtype
+    self.scan_layers = scan_layers  # blocks under lax.scan (layers.call_blocks)
     grid = image_size // patch_size
     self.patch_embed = PatchEmbed(patch_size, width, use_bias=patch_bias, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
@@ -270,8 +272,7 @@ class VisionTransformer(nnx.Module):
     x = self.embed(images)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
-    for block in self.blocks:
-      x = layers.call_block(block, x)
+    x = layers.call_blocks(self.blocks, x, scan=self.scan_layers)
     if self.ln_post is not None:
       x = self.ln_post(x)
     return x

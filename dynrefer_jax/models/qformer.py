@@ -110,7 +110,8 @@ class QFormer(nnx.Module):
   def __init__(self, *, num_layers: int = 12, hidden: int = 768, num_heads: int = 12,
                mlp_dim: int = 3072, encoder_width: int = 1408, cross_attention_freq: int = 2,
                dropout: float = 0.1, ln_eps: float = 1e-12, dtype=None,
-               param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, init_std: float = 0.02, scan_layers: bool = False,
+               rngs: nnx.Rngs):
     self.layernorm = layers.LayerNorm(hidden, eps=ln_eps, rngs=rngs, param_dtype=param_dtype)
     self.layers = nnx.List([
         QFormerLayer(hidden=hidden, num_heads=num_heads, mlp_dim=mlp_dim,
@@ -120,6 +121,8 @@ class QFormer(nnx.Module):
                      init_std=init_std)
         for i in range(num_layers)])
     self.dropout = dropout
+    # Under lax.scan the layers go cross_attention_freq at a time (the structure's period).
+    self.scan_layers = scan_layers
 
   def __call__(self, queries: jax.Array, encoder: jax.Array,
                encoder_mask: jax.Array | None = None, *, train: bool = False,
@@ -130,6 +133,5 @@ class QFormer(nnx.Module):
     Returns float[B, Q, D] (the last hidden state)."""
     mask = None if encoder_mask is None else encoder_mask[:, None, None, :]
     h = layers.dropout(self.layernorm(queries), self.dropout, rngs, not train)
-    for layer in self.layers:
-      h = layers.call_block(layer, h, encoder, mask, train=train, rngs=rngs)
-    return h
+    return layers.call_blocks(self.layers, h, encoder, mask, train=train, rngs=rngs,
+                              scan=self.scan_layers)

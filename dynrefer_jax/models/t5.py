@@ -198,7 +198,8 @@ class T5(nnx.Module):
                relative_attention_max_distance: int = 128, dropout_rate: float = 0.1,
                dense_act: str = "gelu", layer_norm_eps: float = 1e-6,
                tie_word_embeddings: bool = False, decoder_start_token_id: int = 0,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               scan_layers: bool = False, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     cfg = dict(d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_heads=num_heads,
                relative_attention_num_buckets=relative_attention_num_buckets,
                relative_attention_max_distance=relative_attention_max_distance,
@@ -217,6 +218,10 @@ class T5(nnx.Module):
     self.tie_word_embeddings = tie_word_embeddings
     self.decoder_start_token_id = decoder_start_token_id
     self.dtype = dtype
+    # encode/decode run each stack under lax.scan (layers.call_blocks): every block of a stack
+    # has the same structure, as the relative bias table sits on the Stack, not on layer 0.
+    # The KV-cached decoder (_step) stays unrolled: its cache is indexed per layer in place.
+    self.scan_layers = scan_layers
 
   # ----------------------------------------------------------------------------- pieces
   def embed(self, ids: jax.Array) -> jax.Array:
@@ -239,9 +244,8 @@ class T5(nnx.Module):
     pos = jnp.arange(x.shape[1])
     bias = self.encoder.position_bias(pos, pos)
     attn_mask = mask.astype(bool)[:, None, None, :]
-    for block in self.encoder.layers:
-      x = layers.call_block(block, x, self_bias=bias, self_mask=attn_mask, train=train,
-                            rngs=rngs)
+    x = layers.call_blocks(self.encoder.layers, x, self_bias=bias, self_mask=attn_mask,
+                           train=train, rngs=rngs, scan=self.scan_layers)
     return drop(self.encoder.final_norm(x))
 
   def decode(self, decoder_input_ids: jax.Array, encoder_states: jax.Array,
@@ -253,9 +257,9 @@ class T5(nnx.Module):
     pos = jnp.arange(x.shape[1])
     bias = self.decoder.position_bias(pos, pos)
     causal = (pos[None, :] <= pos[:, None])[None, None]
-    for block in self.decoder.layers:
-      x = layers.call_block(block, x, self_bias=bias, self_mask=causal, enc=encoder_states,
-                            enc_mask=encoder_mask.astype(bool), train=train, rngs=rngs)
+    x = layers.call_blocks(self.decoder.layers, x, self_bias=bias, self_mask=causal,
+                           enc=encoder_states, enc_mask=encoder_mask.astype(bool), train=train,
+                           rngs=rngs, scan=self.scan_layers)
     return self.logits(drop(self.decoder.final_norm(x)))
 
   def __call__(self, inputs_embeds: jax.Array, mask: jax.Array, labels: jax.Array,
