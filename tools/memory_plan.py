@@ -15,8 +15,10 @@ The batch is the trainer's (docs/ARCHITECTURE.md) at the sizes of the flags; the
 defaults are VG's: 1024-px padded images, 32 caption and control tokens, 77 text tokens, 4585
 tags, 474 attribute templates over 117 attributes, 80 classes. `--set KEY=VALUE` overrides any
 config entry (e.g. fewer layers, to extrapolate when the full compile is too slow for the
-machine: parameters and saved activations grow linearly with depth). CPU memory figures are XLA's
-estimate for a CPU program; an accelerator's scheduler and fusion differ, so leave a margin.
+machine: parameters and saved activations grow linearly with depth), or
+`--set model.scan_layers=false` for the unrolled loops of blocks (~3× the scanned peak at full
+size). CPU memory figures are XLA's estimate for a CPU program; an accelerator's scheduler and
+fusion differ, so leave a margin.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def plan(config, mesh, regions_per_device: int, *, image_size: int, caption_len:
   return {
       "mesh": dict(mesh.shape), "devices": mesh.size, "regions_per_device": regions_per_device,
       "global_batch": n_batch, "remat": config.model.get("remat", "none"),
+      "scan_layers": bool(config.model.get("scan_layers", False)),
       "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
       "peak_bytes": arg + out - alias + temp,
       "trainable_bytes": shard_bytes(state.trainable), "frozen_bytes": shard_bytes(state.frozen),
