@@ -74,3 +74,25 @@ def test_prompts_are_drawn_uniformly_among_the_true_ones():
   drawn = np.asarray(first(jax.random.split(jax.random.key(0), 600)))
   counts = {v: int((drawn == v).sum()) for v in (11, 21, 22)}
   assert sum(counts.values()) == 600 and all(150 < v < 250 for v in counts.values()), counts
+
+
+def test_class_share_draws_the_class_prompt_that_often_else_a_template():
+  # One region, red (2 templates) and a circle. class_share=0.7: "the circle" in ~70% of the
+  # draws (binomial sd over 2,000 draws: about 1%), the two red templates share the rest.
+  text_ids = np.zeros((1, L), np.int32)
+
+  def draws(share, category, attributes, n=2000):
+    fn = jax.jit(jax.vmap(lambda k: sample_rtc_texts(
+        k, text_ids, np.array([category], np.int32), np.array([attributes], np.int32),
+        CLASS_IDS, TEMPLATE_IDS, OWNER, prompt_prob=1.0, class_share=share)[0][0, 0]))
+    return np.asarray(fn(jax.random.split(jax.random.key(1), n)))
+
+  drawn = draws(0.7, 0, [1, 0])
+  assert 0.66 < np.mean(drawn == 11) < 0.74
+  assert 0.12 < np.mean(drawn == 21) < 0.18 and 0.12 < np.mean(drawn == 22) < 0.18
+  assert set(np.unique(drawn)) == {11, 21, 22}
+  # A region with only one kind of true prompt takes that kind whatever the share.
+  assert set(np.unique(draws(0.0, 1, [0, 0], 200))) == {12}      # a star, no attribute
+  assert set(np.unique(draws(1.0, -1, [0, 1], 200))) == {23}     # no category, blue
+  assert set(np.unique(draws(1.0, 0, [1, 0], 200))) == {11}
+  assert set(np.unique(draws(0.0, 0, [1, 0], 200))) == {21, 22}

@@ -37,14 +37,17 @@ def _t(x):
 
 def sample_rtc_texts(rng: jax.Array, text_ids: jax.Array, category: jax.Array,
                      attributes: jax.Array, class_ids: jax.Array, template_ids: jax.Array,
-                     template_owner: jax.Array, prompt_prob: float):
+                     template_owner: jax.Array, prompt_prob: float,
+                     class_share: float | None = None):
   """Region-text training texts with true prompts mixed in, and their multi-positive labels.
 
   Each region keeps its caption (text_ids int[B, L]) with probability 1 − prompt_prob; otherwise
   its text is one of its true prompts drawn uniformly: its class prompt (class_ids int[C, L],
   from category int[B], −1 = none) or a template of one of its positive attributes
   (template_ids int[T, L], owned by attribute template_owner int[T]; attributes int[B, A] with
-  1 / 0 / −1 = ignore). A region without a true prompt keeps its caption.
+  1 / 0 / −1 = ignore). A region without a true prompt keeps its caption. With `class_share`
+  set, a region that uses a prompt takes its class prompt with that probability (when it has a
+  category and a positive attribute; otherwise whichever kind it has) instead of uniformly.
 
   Returns (ids int[B, L], labels bool[B, B], weights float[B, B]) with region i in rows and text
   j in columns: a caption is positive for its own region only (the original's diagonal); a
@@ -65,8 +68,17 @@ def sample_rtc_texts(rng: jax.Array, text_ids: jax.Array, category: jax.Array,
   known = jnp.concatenate([jnp.broadcast_to(category[:, None] >= 0, class_pos.shape),
                            (owner_attr >= 0) & owner_known], axis=1)
 
-  pick_rng, use_rng = jax.random.split(rng)
+  pick_rng, use_rng, kind_rng = jax.random.split(rng, 3)
   gumbel = jax.random.gumbel(pick_rng, truth.shape)
+  if class_share is not None:
+    # Two-stage draw: the class prompt with probability class_share, else an attribute template.
+    has_class, has_attr = class_pos.any(axis=1), truth[:, num_classes:].any(axis=1)
+    want_class = jax.random.uniform(kind_rng, (b,)) < class_share
+    take_class = has_class & (want_class | ~has_attr)
+    kind = jnp.concatenate([jnp.broadcast_to(take_class[:, None], class_pos.shape),
+                            jnp.broadcast_to(~take_class[:, None], (b, truth.shape[1] - num_classes))],
+                           axis=1)
+    gumbel = jnp.where(kind, gumbel, gumbel - 1e9)   # the other kind only when this one is empty
   choice = jnp.argmax(jnp.where(truth, gumbel, -jnp.inf), axis=1)               # [B]
   use_prompt = (jax.random.uniform(use_rng, (b,)) < prompt_prob) & truth.any(axis=1)
   prompts = jnp.concatenate([class_ids, template_ids], axis=0)[choice]          # [B, L]
@@ -76,6 +88,10 @@ def sample_rtc_texts(rng: jax.Array, text_ids: jax.Array, category: jax.Array,
   labels = jnp.where(use_prompt[None, :], truth[:, choice], eye)
   weights = jnp.where(use_prompt[None, :], known[:, choice], True).astype(jnp.float32)
   return ids, labels, weights
+
+
+def _share(x: float) -> float | None:
+  return None if x is None or x < 0 else float(x)
 
 
 class DynRefer(nnx.Module):
@@ -102,7 +118,8 @@ class DynRefer(nnx.Module):
             if k != "kind" and (c.aligner.kind == "dcnv4" or k != "groups")}
       self.cvem_align = aligner_lib.build_aligner(c.aligner.kind, channels=width, **kw,
                                                   rngs=rngs)
-    self.cvem_mlp = fusion.FusionMLP(width, c.num_views, rngs=rngs, dtype=dtype)
+    self.cvem_mlp = fusion.FusionMLP(width, c.num_views, rngs=rngs, dtype=dtype,
+                                     init=c.get("fusion_init", "torch"))
     q = c.qformer
     self.query_tokens = layers.param(rngs, layers.normal(q.get("init_std", 0.02)),
                                      (c.num_query_tokens, q.hidden),
@@ -124,8 +141,12 @@ class DynRefer(nnx.Module):
     self.attr_text_proj = dense(text_dim, h.hidden)
     self.attr_head = heads.CrossAttentionDecoder(**head_kw)
     self.attr_fc = dense(h.hidden, 1, ("embed", None))
-    self.attr_t = nnx.Param(jnp.asarray(jnp.log(10.0), jnp.float32), out_sharding=())
-    self.attr_b = nnx.Param(jnp.asarray(-10.0, jnp.float32), out_sharding=())
+    # SigLIP's ln 10 / −10 (SPEC §7b), set for huge batches of pretrained features; a model
+    # trained from scratch on a small batch may start the bias nearer its positive rate.
+    self.attr_t = nnx.Param(jnp.asarray(c.loss.get("rtc_t_init", float(np.log(10.0))), jnp.float32),
+                            out_sharding=())
+    self.attr_b = nnx.Param(jnp.asarray(c.loss.get("rtc_b_init", -10.0), jnp.float32),
+                            out_sharding=())
 
     self.text_encoder = text_tower.TextTransformer(**c.text, dtype=dtype, rngs=rngs)
     lm = c.lm
@@ -253,7 +274,7 @@ class DynRefer(nnx.Module):
       text_ids, labels, weights = sample_rtc_texts(
           jax.random.fold_in(view_rng, 1), batch["text_ids"], batch["category"],
           batch["attributes"], self.ov_token_ids[...], self.att_token_ids[...],
-          self.att_template_owner[...], prompt_prob)
+          self.att_template_owner[...], prompt_prob, _share(c.loss.get("rtc_class_share", -1.0)))
     text = self.text_encoder(text_ids)
     if not c.train_text_encoder:
       text = jax.lax.stop_gradient(text)
