@@ -20,10 +20,24 @@ def get_config(arg=None):
   c.frozen_dtype = ""
   c.model = common.toy_model()
   c.model.vit.patch_size = 4     # an 8x8 patch grid per 32-px view: shapes need the detail
-  # No pretrained text tower here: half of the region-text training texts are true class prompts
-  # or attribute templates (multi-positive SigLIP labels), standing in for CLIP pretraining so
-  # that zero-shot recognition and attribute scoring work as in the original.
-  c.model.loss.rtc_prompt_prob = 0.5
+  # Trained from scratch, not from BLIP-2/EVA-CLIP, so three settings differ from the original:
+  # - No pretrained text tower: 3/4 of the region-text training texts are true prompts (multi-
+  #   positive SigLIP labels), standing in for CLIP pretraining so that zero-shot recognition
+  #   and attribute scoring work as in the original; 60% of those are class prompts, the rest
+  #   attribute templates. The region-text loss weighs 1.0 (0.5 in the original).
+  # - The fusion MLP starts variance-preserving ("he"): PyTorch's default init leaves the fused
+  #   tokens at ~0.1 scale, and the Q-Former output was then 0.3% region-dependent at init.
+  # - SigLIP's bias starts at -2.5, not -10: scores fc(norm(.)) start within ±0.6, so with
+  #   b = -10 and t = 10 every pair's logit is below -4 and negatives get no gradient.
+  # With these, category accuracy on val goes 14% → 93% (see README, main job).
+  c.model.loss.rtc_prompt_prob = 0.75
+  c.model.loss.rtc_class_share = 0.6
+  c.model.loss.rtc = 1.0
+  c.model.loss.rtc_b_init = -2.5
+  c.model.fusion_init = "he"
+  # ASL scores run high (γ_neg = 7 barely pushes negatives down), so σ > 0.5 keeps every tag;
+  # the original's VG region-captioning threshold, 0.8 (SPEC §7a), keeps ~6 of ~7 true tags.
+  c.model.tag_threshold = 0.8
   c.data = dict(name="synthetic", dir="", seed=0, image_size=96, max_image_size=96,
                 num_images=dict(train=600, val=40, test=80, heldout=40),
                 caption_len=16, control_len=16, text_len=16)
