@@ -22,7 +22,7 @@ from flax import nnx
 from dynrefer_jax import losses, sharding
 from dynrefer_jax.views import select as views
 from dynrefer_jax.models import aligner as aligner_lib
-from dynrefer_jax.models import eva_vit, fusion, heads, layers, qformer, roi_align
+from dynrefer_jax.models import eva_vit, fp8, fusion, heads, layers, qformer, roi_align
 from dynrefer_jax.models import t5 as t5_lib
 from dynrefer_jax.models import text_tower
 
@@ -110,7 +110,7 @@ class DynRefer(nnx.Module):
     width = vit["width"]
     scan = bool(c.get("scan_layers", False))  # repeated blocks under lax.scan
     self.visual_encoder = eva_vit.VisionTransformer(**vit, scan_layers=scan, dtype=dtype,
-                                                    rngs=rngs)
+                                                    fp8=fp8.vit_enabled(c), rngs=rngs)
     self.ln_vision = layers.LayerNorm(width, eps=c.ln_vision_eps, rngs=rngs)
     if c.num_views > 1:
       # groups belongs to the DCNv4 aligner only; the paper's offset variant takes none.

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dynrefer_jax.models import fp8 as fp8_lib
 from dynrefer_jax.models import layers
 
 
@@ -42,10 +43,11 @@ class Attention(nnx.Module):
 
   qkv_bias: "qkv" (one bias per q, k, v: `qkv_bias[3, H, D]`), "qv" (EVA/BEiT: `q_bias[H, D]`
   and `v_bias[H, D]`, the k bias is identically zero and not a parameter) or "none".
+  fp8: the fp8 recipe of the qkv and output matmuls (`fp8.RECIPES`; False = compute dtype).
   """
 
-  def __init__(self, width: int, num_heads: int, *, qkv_bias: str = "qkv", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, *, qkv_bias: str = "qkv", fp8=False,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"width {width} not divisible by num_heads {num_heads}")
     if qkv_bias not in ("qkv", "qv", "none"):
@@ -53,6 +55,7 @@ class Attention(nnx.Module):
     head_dim = width // num_heads
     self.num_heads, self.head_dim, self.qkv_bias_mode = num_heads, head_dim, qkv_bias
     self.dtype = dtype
+    self.fp8 = fp8_lib.recipe(fp8)  # a plain str or None: static, one graphdef for all blocks
     # PyTorch nn.Linear default init; the tower is loaded from checkpoints in practice.
     bound = 1.0 / math.sqrt(width)
     uniform = lambda key, shape, dt=jnp.float32: jax.random.uniform(key, shape, dt, -bound, bound)
@@ -75,7 +78,7 @@ class Attention(nnx.Module):
     Returns float[B, L, C].
     """
     dtype = self.dtype or x.dtype
-    qkv = jnp.einsum("blc,cshd->blshd", x.astype(dtype), self.qkv_kernel[...].astype(dtype))
+    qkv = fp8_lib.dense(x, self.qkv_kernel[...], recipe=self.fp8, role="qkv", dtype=dtype)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.qkv_bias is not None:
       bias = self.qkv_bias[...].astype(dtype)
@@ -84,35 +87,45 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dtype)
       v = v + self.v_bias[...].astype(dtype)
     out = layers.dot_product_attention(q, k, v, mask=mask)
-    y = jnp.einsum("blhd,hdc->blc", out, self.out_kernel[...].astype(dtype))
-    return y + self.out_bias[...].astype(dtype)
+    return fp8_lib.dense(out, self.out_kernel[...], self.out_bias[...], contract=2,
+                         recipe=self.fp8, role="out", dtype=dtype)
 
 
 class Mlp(nnx.Module):
-  """fc1 → activation → fc2."""
+  """fc1 → activation → fc2; fp8: the recipe of both matmuls (False = compute dtype)."""
 
-  def __init__(self, width: int, mlp_dim: int, *, act: str, dtype=None,
+  def __init__(self, width: int, mlp_dim: int, *, act: str, fp8=False, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.fc1 = layers.Dense(width, mlp_dim, axes=("embed", "mlp"), dtype=dtype,
                             param_dtype=param_dtype, rngs=rngs)
     self.fc2 = layers.Dense(mlp_dim, width, axes=("mlp", "embed"), dtype=dtype,
                             param_dtype=param_dtype, rngs=rngs)
     self.act = layers.ACTIVATIONS[act]
+    self.fp8, self.dtype = fp8_lib.recipe(fp8), dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.act(self.fc1(x)))
+    """x: float[..., C] → float[..., C]."""
+    if self.fp8 is None:
+      return self.fc2(self.act(self.fc1(x)))
+    dtype = self.dtype or x.dtype
+    h = fp8_lib.dense(x, self.fc1.kernel[...], self.fc1.bias[...], recipe=self.fp8, role="fc1",
+                      dtype=dtype)
+    return fp8_lib.dense(self.act(h), self.fc2.kernel[...], self.fc2.bias[...],
+                         recipe=self.fp8, role="fc2", dtype=dtype)
 
 
 class Block(nnx.Module):
   """Pre-LN residual block: x + attn(norm1(x)), then x + mlp(norm2(x)). Shared by the text tower."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, qkv_bias: str, act: str,
-               ln_eps: float, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               ln_eps: float, fp8=False, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.norm1 = layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
-    self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, dtype=dtype,
+    self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, fp8=fp8, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.norm2 = layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
-    self.mlp = Mlp(width, mlp_dim, act=act, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = Mlp(width, mlp_dim, act=act, fp8=fp8, dtype=dtype, param_dtype=param_dtype,
+                   rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     x = x + self.attn(self.norm1(x), mask).astype(x.dtype)
@@ -210,13 +223,15 @@ class VisionTransformer(nnx.Module):
 
   Parameters: `patch_embed/kernel[p, p, 3, C]` (+ `bias[C]`), `cls_token[C]`,
   `pos_embed[1 + (image_size/p)^2, C]`, optional `ln_pre`, `blocks/{i}/...`, optional `ln_post`.
+  fp8: a frozen tower's fp8 recipe (`model.vit_fp8`: False, True or a `fp8.RECIPES` name) for the
+  four matmuls of every block (qkv, attention output, fc1, fc2); the rest stays in `dtype`.
   """
 
   def __init__(self, *, image_size: int = 224, patch_size: int = 14, width: int = 1408,
                depth: int = 39, num_heads: int = 16, mlp_dim: int = 6144, qkv_bias: str = "qv",
                act: str = "gelu", ln_eps: float = 1e-6, pre_norm: bool = False,
                post_norm: bool = False, patch_bias: bool = True, pos_init: str = "normal",
-               scan_layers: bool = False, dtype=None, param_dtype=jnp.float32,
+               scan_layers: bool = False, fp8=False, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} not divisible by patch_size {patch_size}")
@@ -241,8 +256,8 @@ class VisionTransformer(nnx.Module):
     self.ln_pre = (layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
                    if pre_norm else None)
     self.blocks = nnx.List([
-        Block(width, num_heads, mlp_dim, qkv_bias=qkv_bias, act=act, ln_eps=ln_eps, dtype=dtype,
-              param_dtype=param_dtype, rngs=rngs) for _ in range(depth)])
+        Block(width, num_heads, mlp_dim, qkv_bias=qkv_bias, act=act, ln_eps=ln_eps, fp8=fp8,
+              dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(depth)])
     self.ln_post = (layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
                     if post_norm else None)
 
