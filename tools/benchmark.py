@@ -28,10 +28,17 @@ the forward parts + T5 encoder + per beam and token the decoder), peak_bytes
 lower + XLA compile, ahead of time), the device kind, date and command. A first `setup` line has
 the build time and parameter counts. A mode that fails prints status "error" and the rest go on.
 
-`--vit-fp8` then repeats vit_forward and train with config.model.vit_fp8 (dynrefer_jax/models/fp8.py)
-and prints a `vit_fp8` line with the ViT features' relative error against bf16 on the same images.
-Until fp8.py is wired into the tower (its docstring), the lowered fp8 forward has no f8 dot and
-the line says the wiring is pending instead of timing bf16 under an fp8 label.
+`--vit-fp8 [RECIPE]` then repeats vit_forward and train with config.model.vit_fp8 = RECIPE
+(default True, i.e. "rowwise"; dynrefer_jax/models/fp8.py) and prints a `vit_fp8` line with the
+ViT features' relative error against the config's compute dtype (bf16 at full size, float32 for
+the toy) on the same images: Frobenius over all tokens of the tower output (`rel_error_vit`) and
+after ln_vision (`rel_error_ln_vision`), and the worst token after ln_vision. When that reference
+is not float32, an untimed float32 forward adds both towers' errors against float32 (`*_vs_f32`,
+`reference_*_vs_f32`: bf16 is not exact either). `f8_dots` counts the dots with fp8 operands in
+the lowered forward (4 per block; once for a scanned stack). A config that trains the tower gets
+the feature error (the forward is that of the frozen tower) but no fp8 train step. If the
+lowered fp8 forward has no f8 at all (the tower not wired), the line says so ("wiring pending")
+instead of timing bf16 under an fp8 label.
 """
 
 from __future__ import annotations
@@ -68,7 +75,8 @@ def load_config(spec: str, sets: list[str]):
     for key in ("text", "lm"):           # AUTO vocabularies: no tokenizer is read here
       if config.model[key].vocab_size == -1:
         config.model[key].vocab_size = 1024
-    config.model.vit_fp8 = bool(config.model.get("vit_fp8", False))
+    vit_fp8 = config.model.get("vit_fp8", False)   # a recipe name stays a string
+    config.model.vit_fp8 = vit_fp8 if isinstance(vit_fp8, str) else bool(vit_fp8)
   return config_lib.override(config, sets)
 
 
@@ -185,8 +193,8 @@ def caption_flops_per_region(m, *, num_beams: int, new_tokens: int,
 
 
 def relative_errors(graphdef, params, feats, ref) -> dict:
-  """‖a − b‖ / ‖b‖ of ViT features float[N, L, C] (fp8 a, bf16 b), raw and after ln_vision,
-  and the worst token's after ln_vision."""
+  """‖a − b‖ / ‖b‖ of ViT features float[N, L, C] (a against the reference b), raw and after
+  ln_vision (in float32), and the worst token's after ln_vision."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
@@ -343,20 +351,30 @@ def run_caption(b: Bench, graphdef, *, fp8: bool = False) -> None:
              **{k: v for k, v in gen.items() if k != "length_penalty"})
 
 
-def fp8_graphdef(b: Bench):
-  """(graphdef with config.model.vit_fp8 = True, whether its lowered ViT forward has f8 dots)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+def model_graphdef(b: Bench, **model_overrides):
+  """The graphdef of b's model with config.model keys replaced (vit_fp8, dtype); same params."""
   from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
   config = b.config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.vit_fp8 = True
-  graphdef = train.abstract_model(config, b.ids, b.state.mesh)[1].graphdef
-  m = config.model
+  with config.unlocked(), config.model.ignore_type():   # vit_fp8: a bool or a recipe name
+    for key, value in model_overrides.items():
+      config.model[key] = value
+  return train.abstract_model(config, b.ids, b.state.mesh)[1].graphdef
+
+
+def fp8_graphdef(b: Bench, recipe=True):
+  """(graphdef with config.model.vit_fp8 = recipe, the number of dots with f8 operands in its
+  lowered ViT forward, None if the program has no f8 at all: the tower is not wired)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  # The forward is the same with the tower frozen (only gradients stop), and fp8 needs it frozen.
+  graphdef = model_graphdef(b, vit_fp8=recipe, train_vision_encoder=False)
+  m = b.config.model
   image = jax.ShapeDtypeStruct((1, m.vit.image_size, m.vit.image_size, 3),
                                jnp.dtype(m.get("dtype") or "float32"))
   hlo = jax.jit(vit_fn(graphdef)).lower(b.state.params(), image).as_text()
-  return graphdef, "f8e4m3fn" in hlo.lower()
+  if "f8e4m3fn" not in hlo.lower():
+    return graphdef, None
+  return graphdef, sum("dot_general" in line and "f8E4M3FN" in line for line in hlo.splitlines())
 
 
 # ------------------------------------------------------------------------------ main
@@ -373,8 +391,9 @@ def parse_args(argv):
   p.add_argument("--steps", type=int, default=10, help="timed calls per mode (median reported)")
   p.add_argument("--warmup", type=int, default=3, help="untimed calls before them")
   p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
-  p.add_argument("--vit-fp8", action="store_true",
-                 help="also vit_forward and train with the fp8 ViT, and its feature error")
+  p.add_argument("--vit-fp8", nargs="?", const=True, default=False, metavar="RECIPE",
+                 help="also vit_forward and train with the fp8 ViT (RECIPE: a name of "
+                 "dynrefer_jax/models/fp8.py RECIPES, default rowwise), and its feature error")
   p.add_argument("--beams", type=int, default=2)
   p.add_argument("--new-tokens", type=int, default=20)
   p.add_argument("--repetition-penalty", type=float, default=1.5)
@@ -396,6 +415,10 @@ def parse_args(argv):
   if min(args.regions, args.steps) < 1 or args.warmup < 0:
     p.error("--regions and --steps must be at least 1, --warmup at least 0")
   args.modes = [x for x in MODES if x in modes]
+  if isinstance(args.vit_fp8, str):
+    from dynrefer_jax.models import fp8  # pylint: disable=import-outside-toplevel
+    if args.vit_fp8 not in fp8.RECIPES:
+      p.error(f"--vit-fp8: unknown recipe {args.vit_fp8!r}; choose from {', '.join(fp8.RECIPES)}")
   return args
 
 
@@ -462,35 +485,51 @@ def main(argv=None) -> int:
     if mode == "vit_forward":
       vit_out = out
   if args.vit_fp8:
-    graphdef = attempt("vit_fp8", run_fp8, vit_out)
+    graphdef = attempt("vit_fp8", run_fp8, vit_out, recipe=args.vit_fp8)
     if graphdef is not None and "train" in args.modes:
       attempt("train", run_train, graphdef, fp8=True)
   return 1 if b.failed else 0
 
 
-def run_fp8(b: Bench, vit_out, fp8: bool = True):
+def run_fp8(b: Bench, vit_out, recipe=True):
   """The fp8 ViT: the wiring check, then vit_forward in fp8 and the features' error against the
-  bf16 forward on the same images. Returns the fp8 graphdef, None when not measured."""
-  del fp8
-  if b.config.model.get("train_vision_encoder", False):
-    b.emit({"mode": "vit_fp8", "status": "skipped", "vit_fp8": True,
-            "reason": "the vision tower is trainable in this config (fp8 needs a frozen one)"})
-    return None
-  graphdef, wired = fp8_graphdef(b)
-  if not wired:
-    b.emit({"mode": "vit_fp8", "status": "pending", "vit_fp8": True,
+  compute-dtype forward on the same images (and both against float32 when that is not float32).
+  Returns the fp8 graphdef for the fp8 train step, None when there is none to run (not wired, or
+  the config trains the tower: its features are still measured, as the forward is the same)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.models import fp8  # pylint: disable=import-outside-toplevel
+  name = fp8.recipe(recipe)
+  trainable = bool(b.config.model.get("train_vision_encoder", False))
+  graphdef, f8_dots = fp8_graphdef(b, name)
+  if f8_dots is None:
+    b.emit({"mode": "vit_fp8", "status": "pending", "vit_fp8": True, "recipe": name,
             "message": "fp8 ViT wiring pending: the lowered ViT forward with "
-                       "config.model.vit_fp8=True has no f8 dot; dynrefer_jax/models/fp8.py "
+                       f"config.model.vit_fp8={name!r} has no f8 dot; dynrefer_jax/models/fp8.py "
                        "says where it must be wired. No fp8 figure is measured."})
     return None
   if vit_out is None:
     vit_out = run_vit_forward(b, b.state.graphdef)
   ref, images = vit_out
   feats, _ = run_vit_forward(b, graphdef, fp8=True)
-  errors = relative_errors(b.state.graphdef, b.state.params(), feats, ref)
-  b.emit({"mode": "vit_fp8", "status": "ok", "vit_fp8": True, "images": int(images.shape[0]),
-          **errors, "within_1e-2": errors["rel_error_ln_vision"] <= 1e-2})
-  return graphdef
+  params = b.state.params()
+  errors = relative_errors(b.state.graphdef, params, feats, ref)
+  ref_dtype = jnp.dtype(b.config.model.get("dtype") or "float32")
+  if ref_dtype != jnp.float32:
+    g32 = model_graphdef(b, dtype="float32")
+    with jax.default_matmul_precision("highest"):
+      f32 = jax.jit(vit_fn(g32))(params, images.astype(jnp.float32))
+    vs32 = relative_errors(b.state.graphdef, params, feats, f32)
+    ref32 = relative_errors(b.state.graphdef, params, ref, f32)
+    errors.update({f"{k}_vs_f32": v for k, v in vs32.items()})
+    errors.update({f"reference_{k}_vs_f32": v for k, v in ref32.items()})
+  note = ({"note": "the config trains the vision tower: fp8 features measured with it frozen "
+                   "(same forward), no fp8 train step (fp8 needs a frozen tower)"}
+          if trainable else {})
+  b.emit({"mode": "vit_fp8", "status": "ok", "vit_fp8": True, "recipe": name,
+          "f8_dots": f8_dots, "reference_dtype": ref_dtype.name, "images": int(images.shape[0]),
+          **errors, "within_1e-2": errors["rel_error_ln_vision"] <= 1e-2, **note})
+  return None if trainable else graphdef
 
 
 if __name__ == "__main__":
