@@ -35,15 +35,17 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402  pylint: disable=wrong-import-position
-import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
-
-from dynrefer_jax import functional  # noqa: E402  pylint: disable=wrong-import-position
-from dynrefer_jax.models import eva_vit, fp8, layers  # noqa: E402  pylint: disable=wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# pylint: disable=wrong-import-position
+from dynrefer_jax import functional  # noqa: E402
+from dynrefer_jax.models import eva_vit, fp8, layers  # noqa: E402
+# pylint: enable=wrong-import-position
 
 EVA_LIKE = dict(image_size=224, patch_size=14, qkv_bias="qv", act="gelu", ln_eps=1e-6)
 SIZES = {  # name → (VisionTransformer kwargs, images per batch)
@@ -56,7 +58,7 @@ SENSITIVITY = ("attn_only", "mlp_only")
 def toy_size():
   """configs/synthetic.py:smoke's ViT and the benchmark's toy batch (8 regions × 3 views)."""
   from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
-  m = config_lib.load("configs/synthetic.py:smoke").model
+  m = config_lib.load(os.path.join(ROOT, "configs", "synthetic.py") + ":smoke").model
   return dict(m.vit), 8 * m.num_views
 
 
