@@ -13,11 +13,11 @@ whose taps land on y.
 Two implementations, same bits up to float32 summation order (`impl`):
   "dense": all crops of the batch at once, 8·S² multiply-adds per crop (88·S² per region) in
            two batched matmuls over the whole padded image. Accelerators and sharded batches.
-  "loop":  one region at a time (CPU): the gray image and the 11 projections of the region,
-           then each crop contracted over the smallest window (32…512 px or S, per axis) that
-           holds it, the branch picked by `lax.switch` so only that one runs. On photographs
-           with boxes of all sizes that is ~0.4 of the dense work, and every intermediate is
-           per-region (cache-sized, reused across iterations) instead of a batch-sized buffer.
+  "loop":  one region at a time, one crop at a time (CPU): the region's gray image as uint8,
+           then per crop the rows folded about the crop's centre (A_y's rows are symmetric or
+           antisymmetric there: 4 MACs per crop pixel instead of 8) over the smallest slab and
+           column window that hold the crop, the branch picked by `lax.switch` so only that one
+           runs; A_y and A_x are rows of tables indexed by the crop size (see `_coef_loop`).
 "auto" takes "loop" on CPU with an unsharded batch, "dense" otherwise.
 
 `imagehash_phash` reproduces `imagehash.phash(crop)` (hash_size 8, highfreq_factor 4): PIL "L"
@@ -28,6 +28,8 @@ Shapes: B regions, N crops per region, S the padded image side.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -167,52 +169,6 @@ def _bits(coef: jax.Array, threshold: jax.Array) -> jax.Array:
   return (coef > threshold).reshape(coef.shape[:-2] + (-1,))
 
 
-# Window sides (besides the padded side itself) the per-region loop may contract a crop over.
-WINDOWS = (32, 64, 128, 256, 384, 512)
-
-
-def window_sizes(size: int) -> tuple[int, ...]:
-  """The static window sides usable on an axis of `size` pixels, ascending, ending at `size`."""
-  return tuple(sorted({w for w in WINDOWS if w < size} | {size}))
-
-
-def _crop_coef(gray: jax.Array, a_y: jax.Array, a_x: jax.Array, box: jax.Array) -> jax.Array:
-  """The 8×8 low DCT block of one crop, contracting only over a window that holds the crop.
-
-  The window is the smallest of `window_sizes` per axis that fits the crop, placed at the crop's
-  corner (clamped into the image); `lax.switch` runs only that branch, so a 40-px crop costs
-  8·64·64 multiply-adds instead of 8·S². The projections are zero outside the crop, so their
-  window slices are exact. A branch is a handful of ops: inside a loop each op has a fixed cost
-  of microseconds on CPU. Outside a loop (vmapped) a switch would run every branch: this is for
-  the per-region loop of `opencv_phash(impl="loop")` only.
-
-  Args:
-    gray: float32[S_y, S_x]; a_y: float32[8, S_y], a_x: float32[8, S_x] the crop's projections;
-    box: int[4] inside the image.
-  Returns:
-    float32[8, 8].
-  """
-  s_y, s_x = gray.shape
-  sizes_y, sizes_x = window_sizes(s_y), window_sizes(s_x)
-  h, w = box[3] - box[1], box[2] - box[0]
-  index = (jnp.sum(jnp.asarray(sizes_y[:-1]) < h) * len(sizes_x)
-           + jnp.sum(jnp.asarray(sizes_x[:-1]) < w))
-
-  def branch(l_y: int, l_x: int):
-    def coef(gray, a_y, a_x, box):
-      y0 = jnp.clip(box[1], 0, s_y - l_y)
-      x0 = jnp.clip(box[0], 0, s_x - l_x)
-      window = jax.lax.dynamic_slice(gray, (y0, x0), (l_y, l_x))
-      rows = jnp.matmul(jax.lax.dynamic_slice_in_dim(a_y, y0, l_y, axis=1), window,
-                        precision=_HIGHEST)  # [8, l_x]
-      return jnp.matmul(rows, jax.lax.dynamic_slice_in_dim(a_x, x0, l_x, axis=1).T,
-                        precision=_HIGHEST)
-    return coef
-
-  branches = [branch(l_y, l_x) for l_y in sizes_y for l_x in sizes_x]
-  return jax.lax.switch(index, branches, gray, a_y, a_x, box)
-
-
 def _coef_dense(images: jax.Array, boxes: jax.Array, basis: jax.Array) -> jax.Array:
   """All crops at once: 8·S² multiply-adds per crop in two batched matmuls. [B, N, 8, 8]."""
   gray = gray_opencv(images)  # [B, S_y, S_x]
@@ -225,22 +181,148 @@ def _coef_dense(images: jax.Array, boxes: jax.Array, basis: jax.Array) -> jax.Ar
   return jnp.einsum("bnux,bnvx->bnuv", rows, a_x, precision=_HIGHEST)
 
 
-def _coef_loop(images: jax.Array, boxes: jax.Array, basis: jax.Array) -> jax.Array:
-  """One region at a time: gray of its image, then each crop over its own window. [B, N, 8, 8].
+# The per-region CPU path ("loop"). Crops are hashed one at a time from a uint8 gray buffer:
+#   y: the projection rows of a crop are symmetric (u even) or antisymmetric (u odd) about the
+#      crop's centre, so the rows are folded first: s[i] = G[lo+i] + G[hi-1-i] meets the 4 even
+#      rows, d[i] = G[lo+i] - G[hi-1-i] the 4 odd ones, i < ceil(n/2): half the multiply-adds of
+#      A_y·G. Both slabs [lo, lo+L) and [hi-L, hi) start inside the crop (L >= ceil(n/2) is the
+#      smallest of `window_sizes` that fits), so the table is indexed from the crop's edge and
+#      needs no shift; pairs past the middle meet zero weights.
+#   x: the crop's columns [lo, lo+W) (W the smallest of `window_sizes` >= n) times the projection of
+#      an n-pixel crop from column 0, one [8, W]·[W, 8] product.
+# Both projections come from tables indexed by the crop size (the projection of [lo, hi) is that
+# of [0, hi - lo) shifted by lo), built once per padded size with `bilinear_dct_projection`.
+SMALLEST_WINDOW = 16
 
-  Per-region intermediates stay cache-sized and are reused across iterations, and windowed
-  crops skip most of the 8·S² work of the dense form (about 0.4 of it on photographs with
-  boxes of all sizes).
+
+def window_sizes(limit: int) -> tuple[int, ...]:
+  """Window sides 16, 24, 32, 48, 64, 96, … below `limit`, then `limit` (ascending).
+
+  Each is at most 1.5× the one before, so the smallest window >= m is below 2m once m > 16:
+  a folded slab of L >= ceil(n/2) rows then lies inside the n-row crop (L <= n); below that the
+  16-row slab may stick out of the crop by up to 15 rows, into the buffer's zero margin.
   """
-  proj = jax.vmap(bilinear_dct_projection, in_axes=(0, 0, None, None))
+  sizes, k = [], SMALLEST_WINDOW
+  while k < limit:
+    sizes += [k, k * 3 // 2]
+    k *= 2
+  return tuple(sorted({w for w in sizes if w < limit} | {limit}))
 
-  def region(args):
-    image, crops = args
-    gray = gray_opencv(image)
-    a_y = proj(crops[:, 1], crops[:, 3], gray.shape[0], basis)  # [N, 8, S_y]
-    a_x = proj(crops[:, 0], crops[:, 2], gray.shape[1], basis)  # [N, 8, S_x]
-    return jax.lax.map(lambda c: _crop_coef(gray, *c), (a_y, a_x, crops))
-  return jax.lax.map(region, (images, boxes))
+
+@functools.lru_cache(maxsize=8)
+def projection_tables(size: int, out_size: int = CV_RESIZE) -> tuple[np.ndarray, np.ndarray]:
+  """The projections of every crop size n = 0 … size, from pixel 0 (computed once per size).
+
+  Returns:
+    full: float32[size + 1, 8, size], row n = bilinear_dct_projection(0, n) (zero from n on).
+    folded: float32[size + 1, 2, 4, ceil(size/2)]: [n, 0] the even rows (u = 0, 2, 4, 6) and
+      [n, 1] the odd rows of full[n] for columns i < ceil(n/2), zero beyond; for odd n the middle
+      column is halved (the fold adds the middle row to itself).
+  """
+  basis = dct_basis(out_size).astype(np.float32)
+  proj = jax.vmap(lambda hi, basis: bilinear_dct_projection(jnp.int32(0), hi, size, basis),
+                  in_axes=(0, None))
+  sizes = np.arange(size + 1, dtype=np.int32)
+  # Run eagerly even when called while tracing an outer jit: a compiled executable called on
+  # concrete arrays executes (a jitted function would be staged into the outer trace).
+  full = np.array(jax.jit(proj).lower(sizes, basis).compile()(sizes, basis))
+  half = (size + 1) // 2
+  n = sizes[:, None]
+  i = np.arange(half)[None, :]
+  weight = np.where(i < (n + 1) // 2, 1.0, 0.0) * np.where((n % 2 == 1) & (i == (n - 1) // 2),
+                                                           0.5, 1.0)
+  part = full[:, :, :half] * weight[:, None, :].astype(np.float32)
+  folded = np.stack([part[:, 0::2], part[:, 1::2]], axis=1)
+  return full, np.ascontiguousarray(folded)
+
+
+# Rows of the loop's [8, 8] blocks are (u = 0, 2, 4, 6, 1, 3, 5, 7); this puts them in order.
+_FOLD_ROW_ORDER = np.array([0, 4, 1, 5, 2, 6, 3, 7])
+_GRAY_ROWS = 64  # the gray image is converted in blocks of rows, only as far as the crops reach
+
+
+def _gray_u8(image: jax.Array) -> jax.Array:
+  """gray_opencv as uint8 (exact: the values are integers 0..255). uint8[H, W, 3] → uint8[H, W]."""
+  r, g, b = _channels(image)
+  return ((r * 9798 + g * 19235 + b * 3735 + (1 << 14)) >> 15).astype(jnp.uint8)
+
+
+# XLA:CPU's matmul library splits a product of 2^18 or more multiply-adds across the intra-op
+# threads; on a shared 2-core machine that made the fold products ~2x slower (measured in
+# BENCHMARKS.md, issue 11). The loop's crops are independent and small, so each product is kept
+# below that: a wide window is contracted in column chunks.
+_MAX_PRODUCT = 3 << 16  # multiply-adds per [4, L]·[L, W] product
+
+
+def _fold_branch(l_y: int, w_x: int):
+  """The 8×8 block of one crop with static slab height l_y and window width w_x (see above)."""
+  chunks = -(-4 * l_y * w_x // _MAX_PRODUCT)
+  width = -(-w_x // chunks)
+  starts = list(range(0, w_x, width))
+
+  def coef(buf, t_y, t_x, top, left, n_y):
+    parts = []
+    for start in starts:
+      def slab(row, start=start):
+        size = (l_y, min(width, w_x - start))
+        return jax.lax.dynamic_slice(buf, (row, left + start), size).astype(jnp.float32)
+      upper = slab(top)  # rows lo … lo + l_y - 1
+      lower = jax.lax.rev(slab(top + n_y - l_y), (0,))  # rows hi - 1, hi - 2, …
+      even = jnp.matmul(t_y[0, :, :l_y], upper + lower, precision=_HIGHEST)  # [4, width]
+      odd = jnp.matmul(t_y[1, :, :l_y], upper - lower, precision=_HIGHEST)
+      parts.append(jnp.concatenate([even, odd]))  # u = 0, 2, 4, 6, 1, 3, 5, 7
+    rows = jnp.concatenate(parts, axis=1)  # [8, w_x]
+    return jnp.matmul(rows, t_x[:, :w_x].T, precision=_HIGHEST)
+  return coef
+
+
+def _coef_loop(images: jax.Array, boxes: jax.Array) -> jax.Array:
+  """One region at a time, one crop at a time (CPU). [B, N, 8, 8].
+
+  Per region the gray image is converted (uint8, the rows any crop reaches) into a buffer that
+  the regions share: zero margins of `window_sizes`[0] rows above and below and zero columns to the
+  right hold the parts of a window that stick out of a crop (they meet zero weights). Per crop
+  `lax.switch` runs only the branch of its (slab height, window width): two fold passes and two
+  [4, L]·[L, W] products, then [8, W]·[W, 8]. Results match the dense form up to float32
+  summation order.
+  """
+  b, s_y, s_x, _ = images.shape
+  full_x, _ = projection_tables(s_x)
+  _, folded_y = projection_tables(s_y)
+  full_x, folded_y = jnp.asarray(full_x), jnp.asarray(folded_y)
+  heights, widths = window_sizes((s_y + 1) // 2), window_sizes(s_x)
+  margin = heights[0]
+  # A window starts at the crop's left edge x1 <= s_x - n + 1 (an empty box at the right edge
+  # is a 1-px crop there) and is the smallest width >= n.
+  buf_w = max(s_x + 1 - n + widths[int(np.searchsorted(widths, n))] for n in range(1, s_x + 1))
+  branches = [_fold_branch(l_y, w_x) for l_y in heights for w_x in widths]
+  block = min(_GRAY_ROWS, s_y)
+
+  def crop(buf, box):
+    n_y = jnp.maximum(box[3] - box[1], 1)
+    n_x = jnp.maximum(box[2] - box[0], 1)
+    index = (jnp.sum(jnp.asarray(heights[:-1]) < (n_y + 1) // 2) * len(widths)
+             + jnp.sum(jnp.asarray(widths[:-1]) < n_x))
+    t_y = jax.lax.dynamic_index_in_dim(folded_y, n_y, keepdims=False)  # [2, 4, ceil(s_y/2)]
+    t_x = jax.lax.dynamic_index_in_dim(full_x, n_x, keepdims=False)  # [8, s_x]
+    return jax.lax.switch(index, branches, buf, t_y, t_x, box[1] + margin, box[0], n_y)
+
+  def region(buf, args):
+    i, crops = args
+    # Rows the crops reach (a 1-px crop of an empty box included); rows beyond keep an earlier
+    # region's gray, which only ever meets zero weights.
+    reach = jnp.max(crops[:, 1] + jnp.maximum(crops[:, 3] - crops[:, 1], 1))
+
+    def gray_rows(k, buf):
+      row = jnp.minimum(k * block, s_y - block)
+      part = jax.lax.dynamic_slice(images, (i, row, 0, 0), (1, block, s_x, 3))[0]
+      return jax.lax.dynamic_update_slice(buf, _gray_u8(part), (row + margin, 0))
+    buf = jax.lax.fori_loop(0, (jnp.minimum(reach, s_y) + block - 1) // block, gray_rows, buf)
+    return buf, jax.lax.map(lambda box: crop(buf, box), crops)
+
+  buf = jnp.zeros((s_y + 2 * margin, buf_w), jnp.uint8)
+  _, coef = jax.lax.scan(region, buf, (jnp.arange(b), boxes))
+  return coef[..., _FOLD_ROW_ORDER, :]
 
 
 def resolve_impl(impl: str, images: jax.Array) -> str:
@@ -264,11 +346,10 @@ def opencv_phash(images: jax.Array, boxes: jax.Array, *, impl: str = "auto") -> 
   Returns:
     bool[B, N, 64] hash bits in row-major order of the 8×8 block.
   """
-  basis = jnp.asarray(dct_basis(CV_RESIZE), jnp.float32)
   if resolve_impl(impl, images) == "loop":
-    coef = _coef_loop(images, boxes.astype(jnp.int32), basis)
+    coef = _coef_loop(images, boxes.astype(jnp.int32))
   else:
-    coef = _coef_dense(images, boxes, basis)
+    coef = _coef_dense(images, boxes, jnp.asarray(dct_basis(CV_RESIZE), jnp.float32))
   return _bits(coef, jnp.mean(coef, axis=(-2, -1), keepdims=True))
 
 
