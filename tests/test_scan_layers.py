@@ -91,8 +91,15 @@ def _loss_fns(inputs):
           "qformer_freq3": (lambda scan: _qformer(scan, num_layers=6, freq=3), qf, 1.0, ())}
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-@pytest.mark.parametrize("name", ["vit", "t5_loss", "t5_encode", "qformer", "qformer_freq3"])
+# The default suite keeps one case per stack (and remat full on the ViT and the T5 loss); the
+# other combinations run with -m slow, to keep the suite inside its 15 minutes on 2 cores.
+_SLOW = pytest.mark.slow
+@pytest.mark.parametrize("name,remat", [
+    ("vit", "none"), ("vit", "full"), ("t5_loss", "none"), ("t5_loss", "full"),
+    ("t5_encode", "none"), pytest.param("t5_encode", "full", marks=_SLOW),
+    ("qformer", "none"), pytest.param("qformer", "full", marks=_SLOW),
+    pytest.param("qformer_freq3", "none", marks=_SLOW),
+    pytest.param("qformer_freq3", "full", marks=_SLOW)])
 def test_scanned_equals_unrolled(name, remat):
   build, fn, kernel_scale, unused = _loss_fns(_inputs())[name]
   unrolled, scanned = build(False), build(True)
@@ -145,7 +152,7 @@ def test_scan_is_one_loop_over_layers():
   assert scanned.count("dot_general") == one_block.count("dot_general")
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_scanned_stacks_with_dropout(remat):
   """Training dropout inside a scanned stack: each layer draws its own masks from the Rngs
   (equality with the unrolled loop is not expected: other masks), one key gives one result."""
