@@ -247,32 +247,35 @@ def _gray_u8(image: jax.Array) -> jax.Array:
   return ((r * 9798 + g * 19235 + b * 3735 + (1 << 14)) >> 15).astype(jnp.uint8)
 
 
-# XLA:CPU's matmul library splits a product of 2^18 or more multiply-adds across the intra-op
-# threads; on a shared 2-core machine that made the fold products ~2x slower (measured in
-# BENCHMARKS.md, issue 11). The loop's crops are independent and small, so each product is kept
-# below that: a wide window is contracted in column chunks.
-_MAX_PRODUCT = 3 << 16  # multiply-adds per [4, L]·[L, W] product
+# XLA:CPU's matmul library (jaxlib 0.10) splits a product of ~2.6e5 multiply-adds or more across
+# its intra-op threads (2.56e5 ran on one thread, 2.61e5 on two); with the second core busy, as on
+# the shared 2-core benchmark machine, a split product ran ~2x slower. The crops are small and
+# independent, so each [4, L]·[L, W] product stays below that: a wide window is contracted in
+# column chunks (BENCHMARKS.md, issue 11).
+_MAX_PRODUCT = 250_000
 
 
-def _fold_branch(l_y: int, w_x: int):
-  """The 8×8 block of one crop with static slab height l_y and window width w_x (see above)."""
+def _fold_branch(l_y: int, w_x: int, folded_y: jax.Array, full_x: jax.Array):
+  """The 8×8 block (rows u = 0, 2, 4, 6, 1, 3, 5, 7) of one crop, with static slab height l_y
+  and window width w_x (see above); `folded_y` and `full_x` are the `projection_tables`."""
   chunks = -(-4 * l_y * w_x // _MAX_PRODUCT)
   width = -(-w_x // chunks)
-  starts = list(range(0, w_x, width))
 
-  def coef(buf, t_y, t_x, top, left, n_y):
+  def coef(buf, top, left, n_y, n_x):
+    even_y, odd_y = (jax.lax.dynamic_slice(folded_y, (n_y, k, 0, 0), (1, 1, 4, l_y))[0, 0]
+                     for k in (0, 1))  # [4, l_y] each
+    t_x = jax.lax.dynamic_slice(full_x, (n_x, 0, 0), (1, 8, w_x))[0]  # [8, w_x]
     parts = []
-    for start in starts:
+    for start in range(0, w_x, width):
       def slab(row, start=start):
         size = (l_y, min(width, w_x - start))
         return jax.lax.dynamic_slice(buf, (row, left + start), size).astype(jnp.float32)
       upper = slab(top)  # rows lo … lo + l_y - 1
       lower = jax.lax.rev(slab(top + n_y - l_y), (0,))  # rows hi - 1, hi - 2, …
-      even = jnp.matmul(t_y[0, :, :l_y], upper + lower, precision=_HIGHEST)  # [4, width]
-      odd = jnp.matmul(t_y[1, :, :l_y], upper - lower, precision=_HIGHEST)
-      parts.append(jnp.concatenate([even, odd]))  # u = 0, 2, 4, 6, 1, 3, 5, 7
-    rows = jnp.concatenate(parts, axis=1)  # [8, w_x]
-    return jnp.matmul(rows, t_x[:, :w_x].T, precision=_HIGHEST)
+      even = jnp.matmul(even_y, upper + lower, precision=_HIGHEST)  # [4, width]
+      odd = jnp.matmul(odd_y, upper - lower, precision=_HIGHEST)
+      parts.append(jnp.concatenate([even, odd]))
+    return jnp.matmul(jnp.concatenate(parts, axis=1), t_x.T, precision=_HIGHEST)
   return coef
 
 
@@ -280,9 +283,10 @@ def _coef_loop(images: jax.Array, boxes: jax.Array) -> jax.Array:
   """One region at a time, one crop at a time (CPU). [B, N, 8, 8].
 
   Per region the gray image is converted (uint8, the rows any crop reaches) into a buffer that
-  the regions share: zero margins of `window_sizes`[0] rows above and below and zero columns to the
-  right hold the parts of a window that stick out of a crop (they meet zero weights). Per crop
-  `lax.switch` runs only the branch of its (slab height, window width): two fold passes and two
+  the regions share: zero margins of `window_sizes`[0] rows above and below and zero columns to
+  the right hold the parts of a window that stick out of a crop (they meet zero weights; rows
+  below the crops keep an earlier region's gray, which also only meets zero weights). Per crop
+  `lax.switch` runs only the branch of its (slab height, window width): fold passes and
   [4, L]·[L, W] products, then [8, W]·[W, 8]. Results match the dense form up to float32
   summation order.
   """
@@ -295,33 +299,29 @@ def _coef_loop(images: jax.Array, boxes: jax.Array) -> jax.Array:
   # A window starts at the crop's left edge x1 <= s_x - n + 1 (an empty box at the right edge
   # is a 1-px crop there) and is the smallest width >= n.
   buf_w = max(s_x + 1 - n + widths[int(np.searchsorted(widths, n))] for n in range(1, s_x + 1))
-  branches = [_fold_branch(l_y, w_x) for l_y in heights for w_x in widths]
+  branches = [_fold_branch(l_y, w_x, folded_y, full_x) for l_y in heights for w_x in widths]
+
+  # Every crop's branch and arguments, for the whole batch at once: [B, N, 5].
+  n_y = jnp.maximum(boxes[..., 3] - boxes[..., 1], 1)
+  n_x = jnp.maximum(boxes[..., 2] - boxes[..., 0], 1)
+  index = (jnp.sum(jnp.asarray(heights[:-1]) < ((n_y + 1) // 2)[..., None], axis=-1) * len(widths)
+           + jnp.sum(jnp.asarray(widths[:-1]) < n_x[..., None], axis=-1))
+  args = jnp.stack([index, boxes[..., 1] + margin, boxes[..., 0], n_y, n_x], axis=-1)
+  reach = jnp.minimum(jnp.max(boxes[..., 1] + n_y, axis=1), s_y)  # rows the crops need: [B]
   block = min(_GRAY_ROWS, s_y)
 
-  def crop(buf, box):
-    n_y = jnp.maximum(box[3] - box[1], 1)
-    n_x = jnp.maximum(box[2] - box[0], 1)
-    index = (jnp.sum(jnp.asarray(heights[:-1]) < (n_y + 1) // 2) * len(widths)
-             + jnp.sum(jnp.asarray(widths[:-1]) < n_x))
-    t_y = jax.lax.dynamic_index_in_dim(folded_y, n_y, keepdims=False)  # [2, 4, ceil(s_y/2)]
-    t_x = jax.lax.dynamic_index_in_dim(full_x, n_x, keepdims=False)  # [8, s_x]
-    return jax.lax.switch(index, branches, buf, t_y, t_x, box[1] + margin, box[0], n_y)
-
-  def region(buf, args):
-    i, crops = args
-    # Rows the crops reach (a 1-px crop of an empty box included); rows beyond keep an earlier
-    # region's gray, which only ever meets zero weights.
-    reach = jnp.max(crops[:, 1] + jnp.maximum(crops[:, 3] - crops[:, 1], 1))
+  def region(buf, xs):
+    i, crops, rows = xs
 
     def gray_rows(k, buf):
       row = jnp.minimum(k * block, s_y - block)
       part = jax.lax.dynamic_slice(images, (i, row, 0, 0), (1, block, s_x, 3))[0]
       return jax.lax.dynamic_update_slice(buf, _gray_u8(part), (row + margin, 0))
-    buf = jax.lax.fori_loop(0, (jnp.minimum(reach, s_y) + block - 1) // block, gray_rows, buf)
-    return buf, jax.lax.map(lambda box: crop(buf, box), crops)
+    buf = jax.lax.fori_loop(0, (rows + block - 1) // block, gray_rows, buf)
+    return buf, jax.lax.map(lambda a: jax.lax.switch(a[0], branches, buf, *a[1:]), crops)
 
   buf = jnp.zeros((s_y + 2 * margin, buf_w), jnp.uint8)
-  _, coef = jax.lax.scan(region, buf, (jnp.arange(b), boxes))
+  _, coef = jax.lax.scan(region, buf, (jnp.arange(b), args.astype(jnp.int32), reach))
   return coef[..., _FOLD_ROW_ORDER, :]
 
 
