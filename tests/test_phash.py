@@ -143,3 +143,37 @@ def test_projection_equals_dense_resize_then_dct():
   got = np.asarray(phash.bilinear_dct_projection(jnp.int32(lo), jnp.int32(hi), size,
                                                  jnp.asarray(basis, jnp.float32)))
   np.testing.assert_allclose(got, dense, atol=2e-5)
+
+
+@pytest.mark.parametrize("gray_rows", [8, phash._GRAY_ROWS])
+def test_loop_equals_dense_on_every_size_and_edge(gray_rows, monkeypatch):
+  """The CPU loop (folded slabs, size tables, windows sticking out of a crop into the buffer's
+  margins, a gray buffer shared by the regions) against the dense form, coefficient by
+  coefficient: every crop height and width of non-square padded images, crops flush with each
+  edge, empty boxes on the edges (1-px crops there), and small images after a bright full-size
+  one (rows below their crops keep the earlier gray; 8-row gray blocks put block ends there)."""
+  monkeypatch.setattr(phash, "_GRAY_ROWS", gray_rows)
+  rng = np.random.default_rng(7)
+  s_y, s_x = 72, 88
+  sizes = [(72, 88), (40, 30), (72, 88), (17, 88), (72, 5)]  # true (H, W) of each region's image
+  images = np.zeros((len(sizes), s_y, s_x, 3), np.uint8)
+  for i, (h, w) in enumerate(sizes):
+    images[i, :h, :w] = rng.integers(0, 256, (h, w, 3)) if i != 0 else 255
+  boxes = []
+  for h, w in sizes:
+    crops = []
+    for n in range(1, max(h, w) + 1):  # every height and width, at both ends of each axis
+      ny, nx = min(n, h), min(n, w)
+      crops += [[0, 0, nx, ny], [w - nx, h - ny, w, h], [0, h - ny, nx, h], [w - nx, 0, w, ny]]
+    crops += [[w, h, w, h], [0, h, w, h], [w, 0, w, h], [0, 0, 0, 0], [w // 2, h, w // 2, h]]
+    crops += [[x, y, x + rng.integers(0, w - x + 1), y + rng.integers(0, h - y + 1)]
+              for x, y in zip(rng.integers(0, w + 1, 40), rng.integers(0, h + 1, 40))]
+    boxes.append(crops)
+  n = max(len(c) for c in boxes)
+  boxes = np.array([c + c[:1] * (n - len(c)) for c in boxes], np.int32)  # [5, n, 4]
+  basis = jnp.asarray(phash.dct_basis(224), jnp.float32)
+  loop = np.asarray(jax.jit(phash._coef_loop)(images, boxes))
+  dense = np.asarray(jax.jit(phash._coef_dense)(images, boxes, basis))
+  scale = np.abs(dense).max(axis=(-2, -1), keepdims=True)
+  np.testing.assert_allclose(loop, dense, rtol=0, atol=1e-5 * scale.max())
+  assert np.all(np.abs(loop - dense) <= 2e-6 * scale + 1e-4)
