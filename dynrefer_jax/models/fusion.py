@@ -23,7 +23,6 @@ class FusionMLP(nnx.Module):
   scale of the Q-Former's normalised queries, so its output barely depends on the region.
   """
 
-
   def __init__(self, channels: int, num_views: int, *, rngs: nnx.Rngs, dtype=None,
                param_dtype=jnp.float32, init: str = "torch"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
