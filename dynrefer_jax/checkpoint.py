@@ -68,6 +68,11 @@ class Checkpointer:
                     s, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
     return None
 
+  def read_meta(self, step: int) -> dict:
+    """The JSON metadata saved with `step` (the arrays are not read)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"] or {})
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -123,7 +128,11 @@ def save_params(path: str, params: dict, meta: dict | None = None) -> None:
 
 def load_params(path: str, target: Any) -> dict:
   """The {"params": tree} of a converted checkpoint (`path` or `path/checkpoints`, latest step)
-  onto `target`: ShapeDtypeStructs carrying shardings (dtypes are cast to the target's)."""
+  onto `target`: ShapeDtypeStructs carrying shardings (dtypes are cast to the target's).
+
+  A pretrained init (tools/convert_checkpoint.py without --dynrefer) lacks the top-level
+  modules its metadata lists under `left_to_model_init`: the returned tree lacks them too, and
+  the caller keeps its own values. Any other missing parameter is an error."""
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"model_init {path}: no such checkpoint directory")
@@ -132,6 +141,8 @@ def load_params(path: str, target: Any) -> dict:
     step = ck.latest_step()
     if step is None:
       raise FileNotFoundError(f"model_init {path}: no checkpoint step in {directory}")
+    left = set(ck.read_meta(step).get("left_to_model_init") or ())
+    target = {k: v for k, v in target.items() if k not in left}
     _, state, _ = ck.restore({"params": target}, step=step)
     return state["params"]
   finally:

@@ -213,6 +213,16 @@ def is_converted(root: str) -> bool:
   return os.path.isfile(os.path.join(root, "vocab.json"))
 
 
+def pretrained_init(root: str) -> bool:
+  """Whether a converted directory is tools/convert_checkpoint.py's output without --dynrefer."""
+  from dynrefer_jax.convert.dynrefer import PRETRAINED_INIT  # pylint: disable=import-outside-toplevel
+  path = os.path.join(root, "conversion.json")
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("kind") == PRETRAINED_INIT
+
+
 def _abstract_model(config, vocab: Vocab):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import functional, sharding  # pylint: disable=import-outside-toplevel
@@ -262,6 +272,10 @@ def load_params(config, checkpoint_dir: str, vocab: Vocab):
   graphdef, abstract, shardings = _abstract_model(config, vocab)
   target = ckpt_lib.abstract_with_shardings(abstract, shardings)
   if is_converted(root):
+    if pretrained_init(root):
+      raise PredictError(f"{checkpoint_dir} is a pretrained init without DynRefer's heads: "
+                         f"train from it (--config.model_init={checkpoint_dir}) and predict "
+                         "with the training workdir")
     params, step = _restore(ckdir, target, "params")
     return graphdef, params, step
   patterns, excludes = train_lib.trainable_patterns(config)

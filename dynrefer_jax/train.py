@@ -214,13 +214,20 @@ def initialize_distributed(config) -> None:
                              process_id=pid)
 
 
-def _load_model_init(state: ModelState, path: str, config) -> None:
-  """config.model_init: converted weights (checkpoint.save_params) onto the state's shardings."""
+def _load_model_init(state: ModelState, path: str, config) -> list[str]:
+  """config.model_init: converted weights (checkpoint.save_params) onto the state's shardings.
+
+  A pretrained init (no DynRefer heads) leaves the modules it lacks at the state's own
+  initialisation; returns their names (empty for a full checkpoint)."""
   target = functional.combine(
       ckpt_lib.abstract_with_shardings(state.trainable, state.trainable_shardings),
       ckpt_lib.abstract_with_shardings(state.frozen, state.frozen_shardings))
-  params = ckpt_lib.load_params(path, target)
+  loaded = ckpt_lib.load_params(path, target)
+  kept = sorted(set(target) - set(loaded))
+  params = functional.combine(state.trainable, state.frozen)
+  params = {k: (loaded[k] if k in loaded else v) for k, v in params.items()}
   state.trainable, state.frozen = functional.partition(params, *trainable_patterns(config))
+  return kept
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
@@ -252,7 +259,10 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
   token_ids = text_token_ids_from(data)
   state = build_model(config, token_ids, mesh)
   if config.model_init:
-    _load_model_init(state, config.model_init, config)
+    kept = _load_model_init(state, config.model_init, config)
+    if kept and is_main:
+      print(f"model_init {config.model_init} is a pretrained init: {', '.join(kept)} start "
+            f"from the model's initialisation (seed {config.seed})", flush=True)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)
   total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
   tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch,

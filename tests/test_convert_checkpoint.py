@@ -7,7 +7,9 @@ cross-attention-only tag / region-text heads and the EVA-CLIP text tower.
 Checked: the converted JAX model's tag logits, region-text scores (attribute templates and
 class prompts) and LM logits equal the reference's within 1e-4; its ViT + ln_vision features
 too; DynRefer's Q-Former / t5_proj override BLIP-2's; missing files and keys are one line
-naming each, exit code 2.
+naming each, exit code 2. Without the DynRefer file: the pretrained init (BLIP-2's Q-Former and
+t5_proj, the frozen towers) loads into the trainer's state and leaves DynRefer's own modules at
+the trainer's initialisation; predict refuses it.
 """
 
 import importlib.util
@@ -286,7 +288,7 @@ def world(tmp_path_factory):
     vit.encoder.layers[0].self_attn.qkv.bias[C:2 * C] = 0
   ref["vit"] = vit
   qformer, blip2_qformer = _hf_qformer(gen), _hf_qformer(gen)
-  ref["qformer"] = qformer
+  ref["qformer"], ref["blip2_qformer"] = qformer, blip2_qformer
   rn = lambda *s, std=0.3: torch.randn(*s, generator=gen) * std
   dcn = {"value_proj.weight": rn(C, C), "value_proj.bias": rn(C),
          "offset_mask_dw.weight": rn(C, 2, 3, 3, std=0.5), "offset_mask_dw.bias": rn(C),
@@ -305,9 +307,10 @@ def world(tmp_path_factory):
   ref["text"] = text
   t5 = _t5(gen)
   ref["t5"] = t5
-  t5_proj = torch.nn.Linear(D, LM_D)
+  t5_proj, blip2_t5_proj = torch.nn.Linear(D, LM_D), torch.nn.Linear(D, LM_D)
   _randomize(t5_proj, gen)
-  ref["t5_proj"] = t5_proj
+  _randomize(blip2_t5_proj, gen)
+  ref["t5_proj"], ref["blip2_t5_proj"] = t5_proj, blip2_t5_proj
   ref["cem_memory"] = rn(LM_D)
   ref["query_tokens"] = rn(1, Q, D, std=1.0)
   ref["ln_vision"] = (1 + rn(C, std=0.2), rn(C))
@@ -321,13 +324,12 @@ def world(tmp_path_factory):
   dynrefer["attr_t"], dynrefer["attr_b"] = np.float32(np.log(10.0)), np.float32(-10.0)
   dynrefer.update(_np(t5_proj.state_dict(), "t5_proj."))
   # BLIP-2: the frozen query tokens and ln_vision, plus its own Q-Former / t5_proj, which the
-  # DynRefer file overrides.
+  # DynRefer file overrides (and which a pretrained init without the DynRefer file keeps).
   blip2 = _lavis_qformer(blip2_qformer)
   blip2.update({"query_tokens": ref["query_tokens"].numpy(),
                 "ln_vision.weight": ref["ln_vision"][0].numpy(),
-                "ln_vision.bias": ref["ln_vision"][1].numpy(),
-                "t5_proj.weight": np.zeros((LM_D, D), np.float32),
-                "t5_proj.bias": np.zeros(LM_D, np.float32)})
+                "ln_vision.bias": ref["ln_vision"][1].numpy()})
+  blip2.update(_np(blip2_t5_proj.state_dict(), "t5_proj."))
   eva_clip = _np(text.state_dict(), "text.")
   eva_clip["visual.cls_token"] = np.zeros((1, 1, C), np.float32)  # the unused vision half
 
@@ -468,6 +470,81 @@ def test_converted_model_matches_pytorch_reference(world, capsys):
   # The tag table holds the tags' CLIP BPE ids (SOT ... EOT), not placeholders.
   assert (tok_ids["tag_token_ids"][:, 0] == 49406).all()
   assert (tok_ids["tag_token_ids"].max(1) == 49407).all()
+
+
+def test_pretrained_init_without_dynrefer_file(world, capsys):
+  """What the original trains from: BLIP-2's Q-Former / t5_proj + the frozen towers, against
+  the PyTorch reference; DynRefer's own modules untouched in the trainer's state."""
+  from dynrefer_jax import sharding
+  from dynrefer_jax import train as train_lib
+  argv = list(world["argv"])
+  i = argv.index("--dynrefer")
+  del argv[i:i + 2]
+  out = world["tmp"] / "init"
+  assert _tool().main(argv + ["--out", str(out)]) == 0, capsys.readouterr().err
+  report = json.loads(capsys.readouterr().out)
+  left = ["attr_b", "attr_fc", "attr_head", "attr_t", "attr_text_proj", "attr_vision_proj",
+          "cem_memory", "cvem_align", "cvem_mlp", "tag_fc", "tag_head", "tag_text_proj",
+          "tag_vision_proj"]
+  assert report["kind"] == "pretrained init" and report["left_to_model_init"] == left
+  ref = world["ref"]
+  assert report["trainable_parameters"] == (
+      sum(p.numel() for p in ref["blip2_qformer"].parameters())
+      + sum(p.numel() for p in ref["blip2_t5_proj"].parameters()))
+
+  config = config_lib.load(world["config_path"])
+  vocab = predict_lib.Vocab.from_converted(str(out))
+  with pytest.raises(predict_lib.PredictError, match="pretrained init"):
+    predict_lib.load_params(config, str(out), vocab)
+
+  state = train_lib.build_model(config, vocab.text_token_ids,
+                                sharding.make_mesh(dict(config.sharding.mesh)))
+  before = {k: np.asarray(v) for k, v in functional.flatten(state.trainable).items()}
+  assert train_lib._load_model_init(state, str(out), config) == left  # pylint: disable=protected-access
+  params = functional.combine(state.trainable, state.frozen)
+  flat = functional.flatten(params)
+  for k, v in before.items():
+    if k.split("/")[0] in left:
+      np.testing.assert_array_equal(np.asarray(flat[k]), v, err_msg=k)
+    elif k.startswith("Qformer/"):
+      assert not np.array_equal(np.asarray(flat[k]), v), k  # replaced by BLIP-2's
+
+  rng = np.random.default_rng(1)
+  b = 2
+  pixels = rng.normal(size=(b, SIZE, SIZE, 3)).astype(np.float32)
+  enc = rng.normal(size=(b, 1 + R * R, C)).astype(np.float32)
+  lm_in = rng.normal(size=(b, 5, LM_D)).astype(np.float32)
+  dec = np.array([[0, 9, 10, 11], [0, 12, 13, 14]], np.int32)
+  graphdef = state.graphdef
+
+  @jax.jit
+  def forward(p):
+    model = functional.merge(graphdef, p)
+    feats = model.ln_vision(model.visual_encoder(jnp.asarray(pixels)))
+    queries = jnp.broadcast_to(model.query_tokens[...][None], (b, Q, D))
+    z = model.Qformer(queries, jnp.asarray(enc))
+    mask = jnp.ones(lm_in.shape[:2], bool)
+    lm = model.t5_model.decode(jnp.asarray(dec), model.t5_model.encode(jnp.asarray(lm_in), mask),
+                               mask)
+    return {"feats": feats, "z": z, "proj": model.t5_proj(z), "lm": lm,
+            "tag_table": model.text_tables()["tags"]}
+
+  got = forward(params)
+  t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+  with torch.no_grad():
+    hidden = ref["vit"](t(pixels).permute(0, 3, 1, 2),
+                        output_hidden_states=True).hidden_states[-1]
+    feats = F.layer_norm(hidden, (C,), ref["ln_vision"][0], ref["ln_vision"][1], eps=1e-5)
+    z = ref["blip2_qformer"](query_embeds=ref["query_tokens"].expand(b, Q, D),
+                             encoder_hidden_states=t(enc)).last_hidden_state
+    lm = ref["t5"](inputs_embeds=t(lm_in), decoder_input_ids=t(dec).long()).logits
+    tags = ref["text"](t(np.asarray(flat["tag_token_ids"])).long())
+    proj = ref["blip2_t5_proj"](z)
+  _close(got["feats"], feats.numpy())
+  _close(got["z"], z.numpy())
+  _close(got["proj"], proj.numpy())
+  _close(got["lm"], lm.numpy())
+  _close(got["tag_table"], tags.numpy())
 
 
 def test_missing_files_named_before_loading(world, capsys):

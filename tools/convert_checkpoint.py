@@ -10,6 +10,11 @@ step 0: {"params": every variable, the tag / attribute-template / class text-emb
 precomputed}), OUT/vocab.json, OUT/tokenizer/ and OUT/conversion.json; `python -m
 dynrefer_jax.predict --checkpoint OUT` and `python -m dynrefer_jax.evaluate --checkpoint OUT`
 read it. A missing file or key is one line listing everything missing, exit code 2.
+
+Without --dynrefer it writes the pretrained initialisation the original's training starts from
+(CHECKPOINTS.md §6): the frozen towers plus BLIP-2's query tokens, Q-Former and t5_proj, with
+DynRefer's own modules (cvem_*, cem_memory, tag_*, attr_*) left to the trainer's initialisation;
+train from it with --config.model_init=OUT (conversion.json: "kind": "pretrained init").
 Memory: the full model is ~4.2 B parameters (~17 GB in float32) held on the host once.
 """
 
@@ -37,8 +42,10 @@ def main(argv=None) -> int:
   try:
     rest, spec, overrides = config_lib.split_argv(argv)
     p = _Parser(prog="tools/convert_checkpoint.py")
-    for name, what in (("dynrefer", "the released DynRefer .pth (vg1.2_5e.pth, refcocog_ft.pth)"),
-                       ("eva-vit", "LAVIS eva_vit_g.pth"),
+    p.add_argument("--dynrefer", default=None,
+                   help="the released DynRefer .pth (vg1.2_5e.pth, refcocog_ft.pth); without "
+                   "it: the pretrained init the original trains from (no DynRefer heads)")
+    for name, what in (("eva-vit", "LAVIS eva_vit_g.pth"),
                        ("blip2", "blip2_pretrained_flant5xl.pth"),
                        ("t5", "a Hugging Face google/flan-t5-xl directory"),
                        ("eva-clip", "eva_clip_psz14.pt (EVA-CLIP text tower)"),
@@ -80,7 +87,8 @@ def main(argv=None) -> int:
     msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
     print("error: " + msg.replace("\n", " "), file=sys.stderr)
     return 2
-  print(json.dumps({k: report[k] for k in ("parameters", "trainable_parameters", "notes")}))
+  print(json.dumps({k: report[k] for k in ("kind", "parameters", "trainable_parameters",
+                                            "left_to_model_init", "notes")}))
   return 0
 
 

@@ -3,13 +3,20 @@
     states = load_sources(Sources(dynrefer=..., eva_vit=..., blip2=..., t5=..., eva_clip=...))
     flat = convert_full(states, expected_shapes_without_tables)
 
+Two kinds of output:
+- the released model (`dynrefer` given): every variable, what predict / evaluate load;
+- the pretrained initialisation the original trains from (`dynrefer=None`): the frozen towers,
+  BLIP-2's query tokens, Q-Former and t5_proj, and no `cvem_*`, `cem_memory`, `tag_*`, `attr_*`,
+  which have no pretrained source and start from the model's own initialisation in the trainer
+  (`config.model_init`; the checkpoint's metadata lists them under `left_to_model_init`).
+
 Which file fills which part (CHECKPOINTS.md §6; later rows override earlier ones):
 
 | our path | source |
 |---|---|
 | `visual_encoder/*` | `eva_vit_g.pth` (blocks beyond the depth, final norm and head dropped) |
 | `ln_vision/*`, `query_tokens` | `blip2_pretrained_flant5xl.pth` (`model` entry) |
-| `Qformer/*`, `t5_proj/*` | the DynRefer `.pth` (they override BLIP-2's; BLIP-2's copies are not read) |
+| `Qformer/*`, `t5_proj/*` | the DynRefer `.pth` (they override BLIP-2's; BLIP-2's copies are read only without a DynRefer file) |
 | `cvem_*`, `cem_memory`, `tag_*`, `attr_*` | the DynRefer `.pth` |
 | `t5_model/*` | a Hugging Face flan-t5-xl directory (`*.safetensors` or `pytorch_model*.bin`) |
 | `text_encoder/*` | `eva_clip_psz14.pt` (`text.*`; its `visual.*` half is dropped) |
@@ -48,6 +55,10 @@ TABLES = ("clip_embeds", "att_embeds", "ov_embeds", "tag_token_ids", "att_token_
           "ov_token_ids", "att_template_owner")
 # The original's trainable-name rule (SPEC §9): what the DynRefer file holds.
 DYNREFER_OWNED = re.compile(r"^(cvem|cem|tag|attr|Qformer|t5_proj)")
+# The trainable modules no pretrained file holds (DynRefer's own): without a DynRefer file they
+# are left to the model's initialisation.
+DYNREFER_ONLY = re.compile(r"^(cvem|cem|tag|attr)")
+PRETRAINED_INIT = "pretrained init"  # conversion.json "kind" of a file without DynRefer's heads
 # Frozen modules a bare full state dict could also carry; their own files supply them.
 _FROZEN_PREFIXES = ("visual_encoder.", "ln_vision.", "query_tokens", "t5_model.",
                     "text_encoder.", "clip_embeds", "att_embeds", "ov_embeds")
@@ -136,14 +147,36 @@ def convert_dynrefer_file(sd: Mapping[str, np.ndarray], expected: Shapes) -> dic
   return out
 
 
+def convert_blip2_trainable(sd: Mapping[str, np.ndarray], expected: Shapes
+                            ) -> dict[str, np.ndarray]:
+  """BLIP-2's stage-2 Q-Former and t5_proj (CHECKPOINTS §2.2, §6: what DynRefer's training
+  starts from) → {our path: array}; every `Qformer/*` and `t5_proj/*` path must be filled."""
+  problems = _Problems()
+  qf = problems.run(qformer_conv.convert_qformer_lavis,
+                    {k: v for k, v in sd.items() if k.startswith("Qformer.")},
+                    _sub(expected, "Qformer/"))
+  out = _prefixed(qf, "Qformer/")
+  proj = [r for r in t5_conv.dynrefer_rules() if r.target.startswith("t5_proj")]
+  out.update(problems.run(convert, {k: v for k, v in sd.items() if k.startswith("t5_proj.")},
+                          proj, _sub(expected, "t5_proj/", strip=False),
+                          source_name="BLIP-2 checkpoint (t5_proj)"))
+  problems.raise_if_any()
+  return out
+
+
+def left_to_model_init(expected: Shapes) -> set[str]:
+  """Top-level modules of `expected` that no pretrained file fills (DYNREFER_ONLY)."""
+  return {k.split("/")[0] for k in expected if DYNREFER_ONLY.match(k)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Sources:
-  """Paths of the five released files (SPEC §13)."""
-  dynrefer: str        # vg1.2_5e.pth / refcocog_ft.pth
+  """Paths of the five released files (SPEC §13); dynrefer=None: the pretrained init only."""
   eva_vit: str         # eva_vit_g.pth
   blip2: str           # blip2_pretrained_flant5xl.pth
   t5: str              # a Hugging Face google/flan-t5-xl directory
   eva_clip: str        # eva_clip_psz14.pt (or a file with only its text.* keys)
+  dynrefer: str | None = None  # vg1.2_5e.pth / refcocog_ft.pth
 
 
 def _t5_files(path: str) -> list[str]:
@@ -156,6 +189,8 @@ def check_sources(sources: Sources) -> None:
   missing = []
   for field in dataclasses.fields(sources):
     path = getattr(sources, field.name)
+    if path is None and field.name == "dynrefer":
+      continue
     if field.name == "t5":
       if not os.path.isdir(path):
         missing.append(f"--{field.name}: {path} (a Hugging Face flan-t5-xl directory)")
@@ -173,7 +208,8 @@ def load_sources(sources: Sources) -> dict[str, dict[str, np.ndarray]]:
   t5_sd: dict[str, np.ndarray] = {}
   for f in _t5_files(sources.t5):
     t5_sd.update(load_state_dict(f))
-  return {"dynrefer": load_state_dict(sources.dynrefer, key="model"),
+  return {"dynrefer": (None if sources.dynrefer is None
+                       else load_state_dict(sources.dynrefer, key="model")),
           "eva_vit": load_state_dict(sources.eva_vit, key="model"),
           "blip2": load_state_dict(sources.blip2, key="model"),
           "t5": t5_sd,
@@ -184,7 +220,9 @@ def convert_full(states: Mapping[str, Mapping[str, np.ndarray]], expected: Shape
                  ) -> tuple[dict[str, np.ndarray], list[str]]:
   """All five sources → ({our path: array} for every non-table parameter, notes).
 
-  states: {"dynrefer", "eva_vit", "blip2", "t5", "eva_clip"}: flat state dicts.
+  states: {"dynrefer", "eva_vit", "blip2", "t5", "eva_clip"}: flat state dicts; "dynrefer" None
+  converts the pretrained initialisation: Q-Former and t5_proj from the BLIP-2 file, and no
+  DYNREFER_ONLY parameter (see pretrained_only_paths).
   expected: {path: shape} of the model without its tables (see TABLES).
   """
   problems = _Problems()
@@ -209,7 +247,12 @@ def convert_full(states: Mapping[str, Mapping[str, np.ndarray]], expected: Shape
     out["ln_vision/scale"] = np.ones(expected["ln_vision/scale"], np.float32)
     out["ln_vision/bias"] = np.zeros(expected["ln_vision/bias"], np.float32)
 
-  out.update(problems.run(convert_dynrefer_file, states["dynrefer"], expected))
+  if states["dynrefer"] is not None:
+    out.update(problems.run(convert_dynrefer_file, states["dynrefer"], expected))
+  else:
+    out.update(problems.run(convert_blip2_trainable, states["blip2"], expected))
+    notes.append("no DynRefer file: " + ", ".join(sorted(left_to_model_init(expected)))
+                 + " start from the model's initialisation (the trainer's seed)")
   out.update(_prefixed(problems.run(t5_conv.convert_t5, states["t5"], _sub(expected, "t5_model/"),
                                     source_name="flan-t5 directory"), "t5_model/"))
   out.update(_prefixed(problems.run(text_conv.convert_eva_clip_text, states["eva_clip"],
@@ -300,6 +343,8 @@ def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping
                        out_dir: str, *, log=print) -> dict:
   """Writes `out_dir`: checkpoints/ (Orbax, step 0, {"params": every variable of the model,
   tables included}), vocab.json, tokenizer/ (copied from the T5 directory) and conversion.json.
+  Without `sources.dynrefer` the params lack the modules listed in the report's (and the
+  checkpoint metadata's) `left_to_model_init`, and its kind is PRETRAINED_INIT.
 
   config: a full config (config.model sizes it, config.sharding places it). vocab: from
   build_vocab. token_ids: {"tags", "attributes", "classes"} int[N, L] (tokenize_vocab).
@@ -334,7 +379,8 @@ def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping
   flat.update(tables)
   flat.update({"tag_token_ids": ids["tags"], "att_token_ids": ids["attributes"],
                "ov_token_ids": ids["classes"], "att_template_owner": ids["template_to_attribute"]})
-  missing = sorted(set(flat_abstract) - set(flat))
+  left = sorted(left_to_model_init(expected)) if sources.dynrefer is None else []
+  missing = sorted(k for k in set(flat_abstract) - set(flat) if k.split("/")[0] not in left)
   if missing:  # convert_full checks everything else; a new table would land here
     raise ConversionError(f"nothing fills: {', '.join(missing)}")
 
@@ -342,12 +388,14 @@ def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping
   shardings = functional.flatten(sharding.tree_shardings(
       abstract, axes, mesh, [tuple(r) for r in config.sharding.rules]))
   placed = {k: jax.device_put(np.asarray(flat[k]).astype(a.dtype), shardings[k])
-            for k, a in flat_abstract.items()}
+            for k, a in flat_abstract.items() if k in flat}
   os.makedirs(out_dir, exist_ok=True)
-  report = {"kind": "converted DynRefer", "sources": dataclasses.asdict(sources),
+  kind = "converted DynRefer" if sources.dynrefer else PRETRAINED_INIT
+  report = {"kind": kind, "sources": dataclasses.asdict(sources),
             "notes": notes, "parameters": int(sum(np.size(v) for v in flat.values())),
             "trainable_parameters": int(sum(np.size(v) for k, v in flat.items()
                                             if DYNREFER_OWNED.match(k) and k not in TABLES)),
+            "left_to_model_init": left,
             "model_config": json.loads(config.model.to_json_best_effort())}
   ck = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
   ck.save(0, {"params": functional.unflatten(placed)}, report, force=True)
