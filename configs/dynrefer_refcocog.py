@@ -12,6 +12,10 @@ Data (tools/prepare_data.py): DATA/refcocog/train.json (finetune_refcocog_train.
       --config.data.dir=DATA --config.model_init=ckpts/vg1.2_jax
   python -m dynrefer_jax.evaluate --config configs/dynrefer_refcocog.py \
       --checkpoint workdirs/refcocog --config.data.dir=DATA --config.model_init=ckpts/vg1.2_jax
+  # or from your own VG run (model_init = its workdir: its trainable weights, the frozen ones
+  # from what it was trained from; evaluate finds them through the workdir, no model_init):
+  python -m dynrefer_jax.train --config configs/dynrefer_refcocog.py --workdir workdirs/refcocog \
+      --config.data.dir=DATA --config.model_init=workdirs/vg
   # the released fine-tuned weights (refcocog_ft.pth converted to ckpts/refcocog_jax):
   python -m dynrefer_jax.evaluate --config configs/dynrefer_refcocog.py \
       --checkpoint ckpts/refcocog_jax --config.data.dir=DATA
@@ -34,6 +38,7 @@ def get_config(arg=None):
   c.optim.epochs = 3
   c.train.batch_size = 512
   c.eval = dict(batch_size=64, view_selection="phash", splits=list(SPLITS),
+                tasks=dict(refcocog=["region_caption"]),
                 evaluators=dict(region_caption=dict(key="image_id")),
                 published="refcocog")
   if arg == "smoke":

@@ -126,27 +126,144 @@ def save_params(path: str, params: dict, meta: dict | None = None) -> None:
   ck.close()
 
 
-def load_params(path: str, target: Any) -> dict:
-  """The {"params": tree} of a converted checkpoint (`path` or `path/checkpoints`, latest step)
-  onto `target`: ShapeDtypeStructs carrying shardings (dtypes are cast to the target's).
+def saved_shapes(directory: str, step: int, item: str) -> dict[str, tuple[int, ...]]:
+  """{'/'-joined path: shape} of one entry ("params", "trainable") of a saved step, from the
+  checkpoint's metadata (no array is read); {} when the step has no such entry."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  mgr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  try:
+    meta = mgr.item_metadata(step)["state"]
+  finally:
+    mgr.close()
+  tree = getattr(meta, "tree", meta) or {}
+  if item not in tree:
+    return {}
+  flat = traverse_util.flatten_dict(dict(tree[item]))
+  return {"/".join(map(str, k)): tuple(getattr(v, "shape", ())) for k, v in flat.items()}
 
-  A pretrained init (tools/convert_checkpoint.py without --dynrefer) lacks the top-level
-  modules its metadata lists under `left_to_model_init`: the returned tree lacks them too, and
-  the caller keeps its own values. Any other missing parameter is an error."""
+
+def restore_item(directory: str, item: str, abstract: Any, step: int) -> Any:
+  """One entry of a saved step's state tree, only the leaves `abstract` names (partial restore),
+  onto `abstract`'s shardings and dtypes."""
+  ck = Checkpointer(directory, async_save=False)
+  try:
+    # Explicit restore args: without them Orbax places arrays by the saved sharding file,
+    # which fails when the checkpoint was written on another device count.
+    target = {item: abstract}
+    out = ck.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+  finally:
+    ck.close()
+  return out["state"][item]
+
+
+def latest(path: str, what: str = "model_init") -> tuple[str, int, dict]:
+  """(orbax directory, latest step, its JSON metadata) of a workdir or converted directory."""
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"model_init {path}: no such checkpoint directory")
+    raise FileNotFoundError(f"{what} {path}: no such checkpoint directory")
   ck = Checkpointer(directory, async_save=False)
   try:
     step = ck.latest_step()
     if step is None:
-      raise FileNotFoundError(f"model_init {path}: no checkpoint step in {directory}")
-    left = set(ck.read_meta(step).get("left_to_model_init") or ())
-    target = {k: v for k, v in target.items() if k not in left}
-    _, state, _ = ck.restore({"params": target}, step=step)
-    return state["params"]
+      raise FileNotFoundError(f"{what} {path}: no checkpoint step in {directory}")
+    return directory, step, ck.read_meta(step)
   finally:
     ck.close()
+
+
+RANDOM_INIT = "random init"  # how a training run's metadata names frozen weights it did not load
+
+
+def frozen_source(config) -> str:
+  """What a training run records as the source of the weights it does not train."""
+  if config.model_init:
+    return os.path.abspath(config.model_init)
+  return f"{RANDOM_INIT} (seed {config.seed})"
+
+
+def recorded_init(workdir: str) -> str:
+  """The model_init a training workdir's latest checkpoint was started from ("" when it has no
+  checkpoint or started from a random init)."""
+  if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return ""
+  try:
+    _, _, meta = latest(workdir)
+  except FileNotFoundError:
+    return ""
+  source = str(meta.get("frozen_source", ""))
+  return "" if source.startswith(RANDOM_INIT) else source
+
+
+def converted_root(path: str) -> str:
+  """The converted directory (one holding vocab.json and tokenizer/) a model_init rests on:
+  `path` itself, or for a training workdir the one its run started from, followed down the
+  chain; "" when there is none (a random init)."""
+  seen = set()
+  while path and os.path.abspath(path) not in seen:
+    seen.add(os.path.abspath(path))
+    if os.path.isfile(os.path.join(path, "vocab.json")):
+      return path
+    path = recorded_init(path)
+  return ""
+
+
+def _check_shapes(path: str, flat_target: dict, saved: dict) -> None:
+  bad = [f"{k} {saved[k]} vs {tuple(v.shape)}" for k, v in flat_target.items()
+         if k in saved and tuple(saved[k]) != tuple(v.shape)]
+  if bad:
+    raise ValueError(f"model_init {path}: {len(bad)} parameter(s) of another shape than this "
+                     "model's (saved vs model): " + ", ".join(bad[:8])
+                     + (" ..." if len(bad) > 8 else ""))
+
+
+def load_params(path: str, target: Any, *, seed: int | None = None) -> dict:
+  """config.model_init's weights onto `target` (a nested dict of ShapeDtypeStructs carrying
+  shardings; dtypes are cast to the target's). `path` is one of:
+
+  - a converted directory (tools/convert_checkpoint.py, save_params): {"params": tree};
+  - a pretrained init (the converter without --dynrefer): the same, lacking the top-level
+    modules its metadata lists under `left_to_model_init`;
+  - a training workdir (latest step): its trainable parameters, and the rest from the weights
+    that run started from (its metadata's `frozen_source`, followed down the chain). A chain
+    ending in a random init leaves those parameters out; `seed` must then be that run's seed,
+    so that the caller's own initialisation gives the same frozen weights.
+
+  Returns the restored tree: every leaf of `target` except those a pretrained init or a random
+  init leaves to the caller. Any other missing parameter is one error naming them.
+  """
+  from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
+  directory, step, meta = latest(path)
+  flat = functional.flatten(target)
+  if "frozen_source" in meta:  # a training workdir
+    saved = saved_shapes(directory, step, "trainable")
+    _check_shapes(path, flat, saved)
+    here = {k: v for k, v in flat.items() if k in saved}
+    out = restore_item(directory, "trainable", functional.unflatten(here), step) if here else {}
+    rest = {k: v for k, v in flat.items() if k not in saved}
+    source = str(meta["frozen_source"])
+    if not rest:
+      return out
+    if source.startswith(RANDOM_INIT):
+      run_seed = (meta.get("config") or {}).get("seed")
+      if seed is not None and run_seed is not None and int(run_seed) != int(seed):
+        raise ValueError(f"model_init {path} was trained on randomly initialised frozen weights "
+                         f"(seed {run_seed}); set --config.seed={run_seed} to rebuild them")
+      return out
+    below = load_params(source, functional.unflatten(rest), seed=seed)
+    return functional.combine(out, below) if out else below
+  left = set(meta.get("left_to_model_init") or ())
+  want = {k: v for k, v in flat.items() if k.split("/")[0] not in left}
+  saved = saved_shapes(directory, step, "params")
+  _check_shapes(path, want, saved)
+  missing = sorted(set(want) - set(saved))
+  if missing:
+    raise ValueError(f"model_init {path} lacks {len(missing)} parameter(s) of this model: "
+                     + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+  return restore_item(directory, "params", functional.unflatten(want), step)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -236,33 +236,22 @@ def _abstract_model(config, vocab: Vocab):
   return graphdef, abstract, shardings
 
 
-def _restore(ckdir: str, abstract: dict, item: str, partial: bool = True):
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+def _restore(ckdir: str, abstract: dict, item: str):
   from dynrefer_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  ck = ckpt_lib.Checkpointer(ckdir, async_save=False)
-  try:
-    step = ck.latest_step()
-    if step is None:
-      raise PredictError(f"no checkpoint steps in {ckdir}")
-    # Explicit restore args: without them Orbax places arrays by the saved sharding file,
-    # which fails when the checkpoint was written on another device count.
-    target = {item: abstract}
-    out = ck.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            target, partial_restore=partial,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
-  finally:
-    ck.close()
-  return out["state"][item], step
+  step = ckpt_lib.Checkpointer(ckdir, async_save=False).latest_step()
+  if step is None:
+    raise PredictError(f"no checkpoint steps in {ckdir}")
+  return ckpt_lib.restore_item(ckdir, item, abstract, step), step
 
 
 def load_params(config, checkpoint_dir: str, vocab: Vocab):
   """(graphdef, params, step): restored straight onto the config's shardings.
 
   A converted directory holds {"params": every variable, tables included}. A training workdir
-  holds {"trainable": ...}; the rest comes from `config.model_init` (a converted directory)
-  when the config freezes real weights, and the text tables are recomputed from the restored
-  text tower.
+  holds {"trainable": ...}; the rest comes from `config.model_init`, else from the model_init
+  the workdir was trained from (a converted directory or another workdir, see
+  checkpoint.load_params), when the config freezes real weights; the text tables are
+  recomputed from the restored text tower.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -287,13 +276,19 @@ def load_params(config, checkpoint_dir: str, vocab: Vocab):
   weights = {k: v for k, v in frozen_flat.items() if not re.search(table_re, k)}
   frozen = {}
   if weights:
-    init = config.get("model_init") or ""
+    init = config.get("model_init") or ckpt_lib.recorded_init(root)
     if not init:
-      raise PredictError(f"{checkpoint_dir} holds only the trainable parameters and the config "
-                         "names no model_init (a converted checkpoint) for the frozen ones")
-    init_root, init_ck = checkpoint_root(init)
-    restored, _ = _restore(init_ck, functional.unflatten(weights), "params")
+      raise PredictError(f"{checkpoint_dir} holds only the trainable parameters and neither the "
+                         "config nor the workdir names a model_init for the frozen ones")
+    try:
+      restored = ckpt_lib.load_params(init, functional.unflatten(weights), seed=config.seed)
+    except (FileNotFoundError, ValueError) as e:
+      raise PredictError(str(e)) from None
     frozen = functional.flatten(restored)
+    absent = sorted(set(weights) - set(frozen))
+    if absent:
+      raise PredictError(f"model_init {init} does not hold {len(absent)} frozen weight(s) of "
+                         f"this model: {', '.join(absent[:8])}")
   ids = {"tag_token_ids": "tags", "att_token_ids": "attributes", "ov_token_ids": "classes",
          "att_template_owner": "template_to_attribute"}
   for k, v in frozen_flat.items():

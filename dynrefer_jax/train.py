@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import os
 import signal
 import sys
@@ -215,18 +216,21 @@ def initialize_distributed(config) -> None:
 
 
 def _load_model_init(state: ModelState, path: str, config) -> list[str]:
-  """config.model_init: converted weights (checkpoint.save_params) onto the state's shardings.
+  """config.model_init (checkpoint.load_params: a converted directory, a pretrained init or a
+  training workdir) onto the state's shardings.
 
-  A pretrained init (no DynRefer heads) leaves the modules it lacks at the state's own
-  initialisation; returns their names (empty for a full checkpoint)."""
+  Parameters it does not hold (a pretrained init's DynRefer heads; frozen weights a random-init
+  run never saved) keep the state's own initialisation; returns their top-level modules."""
   target = functional.combine(
       ckpt_lib.abstract_with_shardings(state.trainable, state.trainable_shardings),
       ckpt_lib.abstract_with_shardings(state.frozen, state.frozen_shardings))
-  loaded = ckpt_lib.load_params(path, target)
-  kept = sorted(set(target) - set(loaded))
-  params = functional.combine(state.trainable, state.frozen)
-  params = {k: (loaded[k] if k in loaded else v) for k, v in params.items()}
-  state.trainable, state.frozen = functional.partition(params, *trainable_patterns(config))
+  loaded = functional.flatten(ckpt_lib.load_params(path, target, seed=config.seed))
+  params = functional.flatten(functional.combine(state.trainable, state.frozen))
+  tables = re.compile(trainable_patterns(config)[1][0])  # derived, rebuilt at init: not listed
+  kept = sorted({k.split("/")[0] for k in params if k not in loaded and not tables.search(k)})
+  params.update(loaded)
+  state.trainable, state.frozen = functional.partition(functional.unflatten(params),
+                                                       *trainable_patterns(config))
   return kept
 
 
@@ -261,8 +265,8 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
   if config.model_init:
     kept = _load_model_init(state, config.model_init, config)
     if kept and is_main:
-      print(f"model_init {config.model_init} is a pretrained init: {', '.join(kept)} start "
-            f"from the model's initialisation (seed {config.seed})", flush=True)
+      print(f"model_init {config.model_init} does not hold {', '.join(kept)}: they start from "
+            f"the model's initialisation (seed {config.seed})", flush=True)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)
   total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
   tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch,
@@ -385,7 +389,7 @@ def _check_finite(loss: float, step: int, checkpointer) -> None:
 
 def _save(checkpointer, step, state, opt_state, rng, config, *, force=False):
   meta = {"data_step": int(step),
-          "frozen_source": config.model_init or f"random init (seed {config.seed})",
+          "frozen_source": ckpt_lib.frozen_source(config),
           "process_count": jax.process_count(),
           "config": json.loads(config.to_json_best_effort())}
   # A global (replicated) array: Orbax refuses host-local arrays when there are several hosts.

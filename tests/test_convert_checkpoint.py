@@ -12,6 +12,7 @@ t5_proj, the frozen towers) loads into the trainer's state and leaves DynRefer's
 the trainer's initialisation; predict refuses it.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -545,6 +546,89 @@ def test_pretrained_init_without_dynrefer_file(world, capsys):
   _close(got["proj"], proj.numpy())
   _close(got["lm"], lm.numpy())
   _close(got["tag_table"], tags.numpy())
+
+
+def _save_workdir(path, trainable, frozen_source, seed=0, step=5):
+  """A training workdir's checkpoint as train._save writes it (trainable + metadata)."""
+  from dynrefer_jax import checkpoint as ckpt_lib
+  ck = ckpt_lib.Checkpointer(str(path / "checkpoints"), async_save=False)
+  ck.save(step, {"trainable": trainable, "step": np.int32(step)},
+          {"data_step": step, "frozen_source": frozen_source, "config": {"seed": seed}},
+          force=True)
+  ck.close()
+
+
+def test_model_init_from_training_workdirs(world, capsys):
+  """model_init = a training workdir (the paper's RefCOCOg fine-tune from the VG model): its
+  trainable parameters, the frozen ones from the weights it started from, down a chain of
+  workdirs; a random-init chain needs the same seed; predict and the data setup follow it."""
+  from dynrefer_jax import checkpoint as ckpt_lib, sharding
+  from dynrefer_jax import train as train_lib
+  conv = world["tmp"] / "chain_converted"
+  assert _tool().main(world["argv"] + ["--out", str(conv)]) == 0, capsys.readouterr().err
+  capsys.readouterr()
+  config = config_lib.load(world["config_path"])
+  vocab = predict_lib.Vocab.from_converted(str(conv))
+  mesh = sharding.make_mesh(dict(config.sharding.mesh))
+  state = train_lib.build_model(config, vocab.text_token_ids, mesh)
+  converted = {k: np.asarray(v) for k, v in functional.flatten(
+      predict_lib.load_params(config, str(conv), vocab)[1]).items()}
+  tr_keys = sorted(functional.flatten(state.trainable))
+  # Run 1 (from the converted directory) and run 2 (from run 1): trainable values of their own.
+  w1, w2 = world["tmp"] / "w_vg", world["tmp"] / "w_refcocog"
+  run1 = {k: converted[k] + 1.0 for k in tr_keys}
+  run2 = {k: converted[k] - 2.0 for k in tr_keys}
+  _save_workdir(w1, functional.unflatten(run1), str(conv))
+  _save_workdir(w2, functional.unflatten(run2), str(w1))
+  assert ckpt_lib.converted_root(str(w2)) == str(conv) and ckpt_lib.recorded_init(str(w2)) == str(w1)
+
+  assert train_lib._load_model_init(state, str(w2), config) == []  # pylint: disable=protected-access
+  got = functional.flatten(functional.combine(state.trainable, state.frozen))
+  for k, v in got.items():
+    np.testing.assert_array_equal(np.asarray(v), run2[k] if k in run2 else converted[k],
+                                  err_msg=k)
+
+  # predict / evaluate on run 2's workdir with no model_init in the config: run 2's trainables,
+  # the frozen weights through run 1 down to the converted directory.
+  ids = {"tags": converted["tag_token_ids"], "attributes": converted["att_token_ids"],
+         "classes": converted["ov_token_ids"],
+         "template_to_attribute": converted["att_template_owner"]}
+  # What Runner.load builds for a workdir (data setup's tokenised vocabulary).
+  data_vocab = dataclasses.replace(vocab, text_token_ids=ids)
+  _, params, step = predict_lib.load_params(config, str(w2), data_vocab)
+  flat = functional.flatten(params)
+  assert step == 5
+  assert set(flat) == set(converted)
+  for k, v in flat.items():  # the text tables are recomputed from the restored text tower
+    np.testing.assert_allclose(np.asarray(v), run2[k] if k in run2 else converted[k],
+                               rtol=1e-5, atol=1e-6, err_msg=k)
+
+  # A run on randomly initialised frozen weights: only its trainables; the seed must match.
+  w3 = world["tmp"] / "w_random"
+  _save_workdir(w3, functional.unflatten(run1), "random init (seed 7)", seed=7)
+  state = train_lib.build_model(config, vocab.text_token_ids, mesh)
+  with pytest.raises(ValueError, match="--config.seed=7"):
+    train_lib._load_model_init(state, str(w3), config)  # pylint: disable=protected-access
+  frozen_before = {k: np.asarray(v) for k, v in functional.flatten(state.frozen).items()}
+  kept = train_lib._load_model_init(state, str(w3), _with_seed(config, 7))  # pylint: disable=protected-access
+  assert kept == sorted({k.split("/")[0] for k in frozen_before})
+  for k, v in functional.flatten(state.frozen).items():
+    np.testing.assert_array_equal(np.asarray(v), frozen_before[k], err_msg=k)
+  np.testing.assert_array_equal(np.asarray(functional.flatten(state.trainable)["tag_fc/kernel"]),
+                                run1["tag_fc/kernel"])
+
+  # Another model's workdir: one line naming the mis-shaped parameter.
+  w4 = world["tmp"] / "w_other"
+  bad = dict(run1, **{"tag_fc/kernel": np.zeros((3, 3), np.float32)})
+  _save_workdir(w4, functional.unflatten(bad), str(conv))
+  with pytest.raises(ValueError, match="tag_fc/kernel"):
+    train_lib._load_model_init(state, str(w4), config)  # pylint: disable=protected-access
+
+
+def _with_seed(config, seed):
+  c = config.copy_and_resolve_references()
+  c.seed = seed
+  return c
 
 
 def test_missing_files_named_before_loading(world, capsys):

@@ -122,6 +122,11 @@ def test_model_init_round_trip(tmp_path, devices8):
   np.testing.assert_array_equal(np.asarray(got["a"]["kernel"]), np.asarray(tree["a"]["kernel"]))
   with pytest.raises(FileNotFoundError):
     ckpt_lib.load_params(str(tmp_path / "nothing"), abstract)
+  # A parameter the checkpoint lacks (not a pretrained init's declared gap): one error naming it.
+  extra = dict(abstract, c=jax.ShapeDtypeStruct((3,), jax.numpy.float32,
+                                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+  with pytest.raises(ValueError, match=r"lacks 1 parameter\(s\) of this model: c$"):
+    ckpt_lib.load_params(str(tmp_path / "init"), extra)
 
 
 # --- subprocess runs (slow) -------------------------------------------------------------------

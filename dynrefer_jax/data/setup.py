@@ -363,7 +363,11 @@ def _prepare_real(config, workdir: str) -> Data:
     raise DataError(f"{len(missing)} prepared split file(s) missing: {'; '.join(missing)} "
                     "(write them with tools/prepare_data.py --out DIR/<dataset> --split <split>)")
 
-  model_init = config.get("model_init", "") or ""
+  # Vocabulary and tokenizer of the converted checkpoint the weights rest on: model_init (or
+  # what the workdir was trained from), followed down a chain of training workdirs.
+  from dynrefer_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  model_init = ckpt_lib.converted_root(config.get("model_init", "") or ""
+                                       or ckpt_lib.recorded_init(workdir))
   train_data = _load_json(train_file, "config.data.train") if train_file else None
   vocab = _vocabulary(d, workdir, model_init, train_data, {s: eval_files[s] for s in wanted
                                                           if s in eval_files})
