@@ -6,8 +6,10 @@ r"""Evaluation of a trained model on all four tasks.
 Runs the model once over each split (view selection as config.eval.view_selection) and feeds
 the cached predictions to the evaluators: region captioning (METEOR, CIDEr, BLEU-4, ROUGE-L),
 dense captioning mAP (DenseCap protocol), attribute mAP (OVAD-style), recognition (accuracy,
-COCO mAP). Writes results.json and results.md (each metric beside the published figure of
-SPEC §14 named by config.eval.published, and the trivial baselines on the synthetic world) into
+COCO mAP). Each split is scored by the evaluators config.eval.tasks names for it, else by
+every evaluator whose ground truth it carries. Writes results.json and results.md (each metric
+beside the published figure of SPEC §14 that config.eval.published names for the split, and the
+trivial baselines on the synthetic world) into
 --out, by default the checkpoint directory. DIR: a training workdir or a
 tools/convert_checkpoint.py output (see dynrefer_jax.predict).
 """
@@ -42,6 +44,63 @@ def evaluator_config(config) -> dict:
   return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
+# The ground truth each evaluator scores against (a batch key; captions: reference lists).
+NEEDS = {"region_caption": "captions", "dense_caption": "captions", "attributes": "attributes",
+         "recognition": "category"}
+
+
+def _labelled(cached: list[tuple[dict, dict]]) -> dict[str, bool]:
+  """{batch key in NEEDS: whether any real row carries that ground truth}, agreed by all
+  processes (every process must run the same evaluators: they all-gather)."""
+  keys = sorted(set(NEEDS.values()))
+  found = dict.fromkeys(keys, False)
+  for batch, _ in cached:
+    mask = np.asarray(batch["mask"], bool)
+    for key in keys:
+      if key == "captions":
+        found[key] |= any(len(c) > 0 for c, m in zip(batch["captions"], mask) if m)
+      else:
+        found[key] |= bool((np.asarray(batch[key])[mask] >= 0).any())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    flags = multihost_utils.process_allgather(np.array([found[k] for k in keys]))
+    found = dict(zip(keys, np.asarray(flags).reshape(-1, len(keys)).any(0).tolist()))
+  return found
+
+
+def check_tasks(config) -> dict[str, list[str]]:
+  """config.eval.tasks ({split: [evaluator names]}, optional), checked: ConfigError names an
+  unknown evaluator."""
+  tasks = config.eval.get("tasks", None) or {}
+  out = {split: list(names) for split, names in dict(tasks).items()}
+  for split, names in out.items():
+    unknown = [n for n in names if n not in NEEDS]
+    if unknown:
+      raise config_lib.ConfigError(f"config.eval.tasks.{split} names unknown evaluator(s) "
+                                   f"{', '.join(unknown)} (known: {', '.join(EVALUATORS)})")
+  return out
+
+
+def evaluators_for(config, split: str, cached: list[tuple[dict, dict]]) -> list[str]:
+  """The evaluators a split is scored with: config.eval.tasks[split] when the config names
+  them (the published protocol: e.g. VG's dense split only by dense captioning), else every
+  evaluator whose ground truth the split carries (NEEDS)."""
+  tasks = check_tasks(config)
+  if split in tasks:
+    return tasks[split]
+  found = _labelled(cached)
+  return [n for n in EVALUATORS if found[NEEDS[n]]]
+
+
+def published_for(config, split: str) -> dict | None:
+  """SPEC §14's figures for a split: config.eval.published is one PUBLISHED key for every split
+  or {split: key}; None where there are none."""
+  key = config.eval.get("published", "") or ""
+  if not isinstance(key, str):
+    key = dict(key).get(split, "") or ""
+  return PUBLISHED.get(key)
+
+
 def run_evaluators(cached: list[tuple[dict, dict]], names=EVALUATORS, cfg=None) -> dict:
   """Runs the named evaluators over cached predictions; cfg: {name: evaluator kwargs}."""
   by_id = {id(b): p for b, p in cached}
@@ -55,7 +114,7 @@ def run_evaluators(cached: list[tuple[dict, dict]], names=EVALUATORS, cfg=None) 
   return results
 
 
-def baselines(train_table, cached: list[tuple[dict, dict]], cfg=None) -> dict:
+def baselines(train_table, cached: list[tuple[dict, dict]], cfg=None, names=EVALUATORS) -> dict:
   """Trivial baselines from the training split: the most frequent caption for every region,
   the majority category, and each attribute's training frequency as its score."""
   captions = collections.Counter(train_table["captions"])
@@ -75,7 +134,7 @@ def baselines(train_table, cached: list[tuple[dict, dict]], cfg=None) -> dict:
         "attribute_scores": np.broadcast_to(prior, preds["attribute_scores"].shape).copy(),
         "class_scores": np.broadcast_to(np.eye(num_classes)[majority],
                                         preds["class_scores"].shape).copy()}))
-  return run_evaluators(fake, cfg=cfg)
+  return run_evaluators(fake, names, cfg=cfg)
 
 
 # SPEC §14: the figures the released checkpoints should reproduce (repo README; the paper's
@@ -91,7 +150,10 @@ PUBLISHED = {
 
 def results_table(results: dict, published: dict | None) -> str:
   """Markdown: one section per split, every metric beside its published figure (if any) and
-  the trivial baseline (if computed)."""
+  the trivial baseline (if computed). published: {metric: (readme, paper)} for every split,
+  or {split: that dict or None} (keys that are split names of `results`)."""
+  splits = {k for k, v in results.items() if isinstance(v, dict)}
+  per_split = bool(published) and set(published) <= splits
   lines = ["# Evaluation", ""]
   if results.get("step") is not None:
     lines += [f"Checkpoint step {results['step']}.", ""]
@@ -102,13 +164,14 @@ def results_table(results: dict, published: dict | None) -> str:
     lines += [f"## Split `{split}`", "",
               "| metric | ours | published (README) | paper | trivial baseline |",
               "|---|---|---|---|---|"]
+    figures = (published or {}).get(split) if per_split else published
     for key in sorted(metrics):
-      readme, paper = (published or {}).get(key, (None, None))
+      readme, paper = (figures or {}).get(key, (None, None))
       cell = lambda v: "–" if v is None else f"{v:.2f}"
       lines.append(f"| {key} | {cell(metrics[key])} | {cell(readme)} | {cell(paper)} | "
                    f"{cell(base.get(key))} |")
     lines.append("")
-  if not published:
+  if not (any(published.values()) if per_split else published):
     lines.append("No published figure exists for this dataset (SPEC §14 lists VG, RefCOCOg, "
                  "OVAD and COCO).")
   lines.append("SPICE is not computed (it needs a download at run time).")
@@ -129,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", action="append", default=None, help="default: config.eval.splits")
     args = p.parse_args(rest)
     config = config_lib.load(spec or "configs/synthetic.py", overrides)
+    check_tasks(config)
     root, _ = predict_lib.checkpoint_root(args.checkpoint)
   except (config_lib.ConfigError, predict_lib.PredictError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -144,17 +208,20 @@ def main(argv=None) -> int:
   ev_cfg = evaluator_config(config)
   results = {"step": runner.step}
   synthetic = config.data.name == "synthetic"
+  published = {}
   for split in args.split or list(config.eval.splits):
     cached = predict_split(predictor, runner.params, data.eval_iterator(split))
-    results[split] = run_evaluators(cached, cfg=ev_cfg)
+    names = evaluators_for(config, split, cached)
+    results[split] = run_evaluators(cached, names, cfg=ev_cfg)
+    published[split] = published_for(config, split)
     if synthetic:
       from dynrefer_jax.data import sources  # pylint: disable=import-outside-toplevel
       table = sources.SyntheticSource(data.root, "train").table
       results[split + "/baseline"] = baselines(
           {"captions": list(table.caption), "category": table.category,
-           "attributes": table.attributes}, cached, cfg=ev_cfg)
-  published = PUBLISHED.get(config.eval.get("published", "") or "")
-  results["published"] = {k: {"readme": r, "paper": q} for k, (r, q) in (published or {}).items()}
+           "attributes": table.attributes}, cached, cfg=ev_cfg, names=names)
+  results["published"] = {split: {k: {"readme": r, "paper": q} for k, (r, q) in figs.items()}
+                          for split, figs in published.items() if figs}
   out = args.out or root
   os.makedirs(out, exist_ok=True)
   ckpt_lib.atomic_write_json(os.path.join(out, "results.json"), results)

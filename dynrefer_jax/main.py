@@ -93,8 +93,10 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
     t0 = time.time()
     cached = eval_lib.predict_split(predictor, params, data.eval_iterator(split))
     ev_cfg = eval_lib.evaluator_config(config)
-    results[split] = eval_lib.run_evaluators(cached, cfg=ev_cfg)
-    results[split + "/baseline"] = eval_lib.baselines(train_summary, cached, cfg=ev_cfg)
+    names = eval_lib.evaluators_for(config, split, cached)
+    results[split] = eval_lib.run_evaluators(cached, names, cfg=ev_cfg)
+    results[split + "/baseline"] = eval_lib.baselines(train_summary, cached, cfg=ev_cfg,
+                                                      names=names)
     results[split + "/seconds"] = time.time() - t0
     results[split + "/examples"] = [
         {"caption": p["caption"][i], "reference": b["captions"][i], "ts": p["ts"][i].tolist(),

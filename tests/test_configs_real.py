@@ -17,7 +17,8 @@ def _load(name, *overrides):
 
 
 @pytest.mark.parametrize("name,epochs,tag_thr,splits,published", [
-    ("dynrefer_vg.py", 5, 0.7, ["vg_dense", "vg_reg", "ovad", "coco"], "vg_dense"),
+    ("dynrefer_vg.py", 5, 0.7, ["vg_dense", "vg_reg", "ovad", "coco"],
+     {"vg_dense": "vg_dense", "vg_reg": "vg_reg", "ovad": "ovad", "coco": "coco"}),
     ("dynrefer_refcocog.py", 3, 0.76, ["refcocog"], "refcocog")])
 def test_published_recipe(name, epochs, tag_thr, splits, published):
   c = _load(name)
@@ -33,7 +34,12 @@ def test_published_recipe(name, epochs, tag_thr, splits, published):
   assert c.data.text_tokenizer == "clip" and c.data.text_len == m.text.context_length == 77
   assert c.data.name != "synthetic" and c.data.dir == "" and c.model_init == ""
   assert list(c.eval.splits) == splits and set(splits) <= set(c.data.splits)
-  assert c.eval.published == published
+  assert (c.eval.published.to_dict() if hasattr(c.eval.published, "to_dict")
+          else c.eval.published) == published
+  # each split scored by its paper task (SPEC §14)
+  tasks = {"vg_dense": ["dense_caption"], "vg_reg": ["region_caption"], "ovad": ["attributes"],
+           "coco": ["recognition"], "refcocog": ["region_caption"]}
+  assert c.eval.tasks.to_dict() == {s: tasks[s] for s in splits}
 
 
 def test_paths_are_overridable_flags():

@@ -3,9 +3,10 @@ each metric beside SPEC §14's published figure."""
 
 import os
 
+import numpy as np
 import pytest
 
-from dynrefer_jax import evaluate
+from dynrefer_jax import config_lib, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
@@ -15,6 +16,9 @@ CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
     (["--config", CONFIG, "--checkpoint", "/nonexistent/run"], "no checkpoint in /nonexistent/run"),
     (["--config", "/nonexistent.py", "--checkpoint", "/tmp"], "config file not found"),
     (["--config", CONFIG, "--checkpoint", "/tmp", "--config.eval.nope=1"], "unknown config key"),
+    (["--config", os.path.join(ROOT, "configs", "dynrefer_vg.py"), "--checkpoint", "/tmp",
+      "--config.eval.tasks.coco=['recognition', 'detection']"],
+     "config.eval.tasks.coco names unknown evaluator(s) detection"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypatch):
   from dynrefer_jax import predict
@@ -34,3 +38,36 @@ def test_results_table_beside_published_figures():
   assert "| region_caption/METEOR | 17.50 | 18.10 | – | – |" in md
   assert "SPICE is not computed" in md and "`published`" not in md
   assert "No published figure" in evaluate.results_table(results, None)
+
+
+def test_per_split_published_figures():
+  """The VG config evaluates four splits, each beside its own published figure."""
+  results = {"vg_dense": {"dense_caption/mAP": 40.0, "region_caption/CIDEr": 1.0},
+             "coco": {"recognition/accuracy": 90.0, "dense_caption/mAP": 2.0}}
+  config = config_lib.load(os.path.join(ROOT, "configs", "dynrefer_vg.py"))
+  md = evaluate.results_table(results, {s: evaluate.published_for(config, s) for s in results})
+  dense, coco = md.split("## Split `coco`")[0], md.split("## Split `coco`")[1]
+  assert "| dense_caption/mAP | 40.00 | 47.60 | – | – |" in dense
+  assert "| recognition/accuracy | 90.00 | 91.80 | 89.40 | – |" in coco
+  assert "| dense_caption/mAP | 2.00 | – | – | – |" in coco   # not VG's figure on COCO
+  assert "No published figure" not in md
+
+
+def _batch(captions, attributes, category):
+  n = len(captions)
+  return ({"mask": np.array([True] * (n - 1) + [False]), "captions": captions,
+           "attributes": np.asarray(attributes), "category": np.asarray(category)}, {})
+
+
+def test_splits_scored_by_their_tasks_or_their_labels():
+  """config.eval.tasks wins; otherwise only the evaluators whose ground truth the split has
+  (a padding row's labels do not count)."""
+  vg = config_lib.load(os.path.join(ROOT, "configs", "dynrefer_vg.py"))
+  synthetic = config_lib.load(CONFIG)
+  no_attrs = [_batch([["a dog"], ["a cat"], ["x"]], [[-1, -1]] * 3, [-1, -1, 2])]
+  assert evaluate.evaluators_for(synthetic, "any", no_attrs) == [
+      "region_caption", "dense_caption"]
+  labelled = [_batch([[], [], []], [[-1, -1], [1, -1], [-1, -1]], [0, -1, -1])]
+  assert evaluate.evaluators_for(synthetic, "any", labelled) == ["attributes", "recognition"]
+  assert evaluate.evaluators_for(vg, "vg_dense", no_attrs) == ["dense_caption"]
+  assert evaluate.evaluators_for(vg, "ovad", no_attrs) == ["attributes"]
