@@ -380,10 +380,19 @@ def _close(got, want, tol=1e-4):
   assert err <= tol * max(1.0, np.abs(want).max()), err
 
 
-def test_converted_model_matches_pytorch_reference(world, capsys):
-  out = world["tmp"] / "out"
-  assert _tool().main(world["argv"] + ["--out", str(out)]) == 0, capsys.readouterr().err
-  report = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def converted(world):
+  """The tool's output on the toy released files: (directory, printed report)."""
+  import contextlib
+  import io
+  out, printed = world["tmp"] / "out", io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert _tool().main(world["argv"] + ["--out", str(out)]) == 0
+  return out, json.loads(printed.getvalue())
+
+
+def test_converted_model_matches_pytorch_reference(world, converted):
+  out, report = converted
   assert report["notes"] == []
   vocab_json = json.loads((out / "vocab.json").read_text())
   assert vocab_json["class_prompts"] == ["the person", "the dog", "the traffic light"]
@@ -559,15 +568,13 @@ def _save_workdir(path, trainable, frozen_source, seed=0, step=5):
   ck.close()
 
 
-def test_model_init_from_training_workdirs(world, capsys):
+def test_model_init_from_training_workdirs(world, converted):
   """model_init = a training workdir (the paper's RefCOCOg fine-tune from the VG model): its
   trainable parameters, the frozen ones from the weights it started from, down a chain of
   workdirs; a random-init chain needs the same seed; predict and the data setup follow it."""
   from dynrefer_jax import checkpoint as ckpt_lib, sharding
   from dynrefer_jax import train as train_lib
-  conv = world["tmp"] / "chain_converted"
-  assert _tool().main(world["argv"] + ["--out", str(conv)]) == 0, capsys.readouterr().err
-  capsys.readouterr()
+  conv = converted[0]
   config = config_lib.load(world["config_path"])
   vocab = predict_lib.Vocab.from_converted(str(conv))
   mesh = sharding.make_mesh(dict(config.sharding.mesh))
