@@ -1,5 +1,6 @@
 """Repeated blocks under `jax.lax.scan` (layers.call_blocks with scan=True) against the unrolled
-Python loop of blocks, which is the reference: ViT, T5 (encoder, decoder, loss) and Q-Former,
+Python loop of blocks, which is the reference: ViT, T5 (encoder, decoder, loss), Q-Former and
+the text tower,
 forward and gradients w.r.t. every parameter, with remat "none" and "full"; equal within 1e-6
 (float32, "highest" matmuls from conftest). The parameter layout (`blocks/{i}/...`) is the same
 both ways, so the scanned module runs on the unrolled module's parameters.
@@ -20,7 +21,7 @@ from flax import nnx
 
 from configs import common as configs_common
 from dynrefer_jax import functional, sharding
-from dynrefer_jax.models import eva_vit, layers, qformer, t5
+from dynrefer_jax.models import eva_vit, layers, qformer, t5, text_tower
 
 TOL = 1e-6
 
@@ -58,6 +59,12 @@ def _qformer(scan, num_layers=4, freq=2, dropout=0.0):
                          scan_layers=scan, rngs=nnx.Rngs(0))
 
 
+def _text(scan):
+  return text_tower.TextTransformer(vocab_size=40, context_length=6, width=16, depth=3,
+                                    num_heads=2, mlp_dim=32, output_dim=12, scan_layers=scan,
+                                    rngs=nnx.Rngs(0))
+
+
 def _inputs():
   rng = np.random.default_rng(0)
   f32 = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
@@ -66,7 +73,8 @@ def _inputs():
       embeds=f32(2, 5, 16), mask=jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool),
       labels=jnp.asarray(rng.integers(1, 40, (2, 4)), jnp.int32),
       label_mask=jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]], bool),
-      queries=f32(2, 3, 16), encoder=f32(2, 7, 24))
+      queries=f32(2, 3, 16), encoder=f32(2, 7, 24),
+      tokens=jnp.asarray([[3, 7, 39, 0, 0, 0], [5, 2, 9, 11, 39, 0]], jnp.int32))
 
 
 def _loss_fns(inputs):
@@ -85,7 +93,11 @@ def _loss_fns(inputs):
   def qf(m):
     y = m(inputs["queries"], inputs["encoder"])
     return jnp.mean(y * probe(y)), y
+  def text(m):
+    y = m(inputs["tokens"])
+    return jnp.mean(y * probe(y)), y
   return {"vit": (_vit, vit, 1.0, ()), "t5_loss": (_t5, t5_loss, 0.5, ()),
+          "text": (_text, text, 1.0, ()),
           "t5_encode": (_t5, t5_encode, 0.5, ("decoder/", "lm_head/")),
           "qformer": (_qformer, qf, 1.0, ()),
           "qformer_freq3": (lambda scan: _qformer(scan, num_layers=6, freq=3), qf, 1.0, ())}
@@ -97,7 +109,7 @@ _SLOW = pytest.mark.slow
 @pytest.mark.parametrize("name,remat", [
     ("vit", "none"), ("vit", "full"), ("t5_loss", "none"), ("t5_loss", "full"),
     ("t5_encode", "none"), pytest.param("t5_encode", "full", marks=_SLOW),
-    ("qformer", "none"), pytest.param("qformer", "full", marks=_SLOW),
+    ("qformer", "none"), pytest.param("qformer", "full", marks=_SLOW), ("text", "none"),
     pytest.param("qformer_freq3", "none", marks=_SLOW),
     pytest.param("qformer_freq3", "full", marks=_SLOW)])
 def test_scanned_equals_unrolled(name, remat):
@@ -250,7 +262,7 @@ def test_config_flag_reaches_every_stack_and_keeps_the_layout():
            for k, n in (("tags", 5), ("attributes", 4), ("classes", 3))}
     model = nnx.eval_shape(lambda: DynRefer(cfg, ids, rngs=nnx.Rngs(0)))  # pylint: disable=cell-var-from-loop
     assert (model.visual_encoder.scan_layers, model.Qformer.scan_layers,
-            model.t5_model.scan_layers) == (scan, scan, scan)
+            model.t5_model.scan_layers, model.text_encoder.scan_layers) == (scan,) * 4
     trees[scan] = jax.tree.map(lambda x: (x.shape, x.dtype), functional.split(model)[1])
   assert trees[True] == trees[False]
   assert configs_common.full_model().scan_layers

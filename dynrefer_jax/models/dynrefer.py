@@ -148,7 +148,8 @@ class DynRefer(nnx.Module):
     self.attr_b = nnx.Param(jnp.asarray(c.loss.get("rtc_b_init", -10.0), jnp.float32),
                             out_sharding=())
 
-    self.text_encoder = text_tower.TextTransformer(**c.text, dtype=dtype, rngs=rngs)
+    self.text_encoder = text_tower.TextTransformer(**c.text, scan_layers=scan, dtype=dtype,
+                                                   rngs=rngs)
     lm = c.lm
     self.t5_model = t5_lib.T5(**lm, scan_layers=scan, dtype=dtype, rngs=rngs)
     self.t5_proj = dense(q.hidden, lm.d_model)

@@ -27,9 +27,10 @@ class TextTransformer(nnx.Module):
   def __init__(self, *, vocab_size: int = 49408, context_length: int = 77, width: int = 768,
                depth: int = 12, num_heads: int = 12, mlp_dim: int = 3072,
                output_dim: int = 1024, act: str = "gelu", ln_eps: float = 1e-5,
-               eot_token_id: int | None = None, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               eot_token_id: int | None = None, scan_layers: bool = False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.context_length, self.eot_token_id, self.dtype = context_length, eot_token_id, dtype
+    self.scan_layers = scan_layers  # blocks under lax.scan (layers.call_blocks)
     # OpenCLIP's init stds (token 0.02, positions 0.01, projection width**-0.5).
     self.token_embedding = layers.param(rngs, layers.normal(0.02), (vocab_size, width),
                                         ("vocab", "embed"), param_dtype)
@@ -59,8 +60,7 @@ class TextTransformer(nnx.Module):
     x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(dtype)
     x = x + self.positional_embedding[...][:length].astype(dtype)
     causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-    for block in self.blocks:
-      x = layers.call_block(block, x, causal)
+    x = layers.call_blocks(self.blocks, x, causal, scan=self.scan_layers)
     x = self.ln_final(x)
     if self.eot_token_id is None:
       eot = jnp.argmax(tokens, axis=-1)
