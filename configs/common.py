@@ -42,8 +42,9 @@ def full_model() -> ml_collections.ConfigDict:
                     length_penalty=0.0),
       tag_threshold=0.7,
       remat="none",           # per-block rematerialisation: none, full, dots, dots_no_batch
-      # Repeated blocks (ViT, T5 stacks, Q-Former pairs) under lax.scan: XLA reuses one block's
-      # buffers instead of keeping every unrolled block's live (BENCHMARKS.md, memory plan).
+      # Repeated blocks (ViT, T5 stacks, Q-Former pairs, text tower) under lax.scan: XLA
+      # reuses one block's buffers instead of keeping every unrolled block's live
+      # (BENCHMARKS.md, memory plan).
       scan_layers=True,
   ))
 
