@@ -33,7 +33,11 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
   return graphdef, params, traverse_util.unflatten_dict(axes)
 
 
-def merge(graphdef: nnx.GraphDef, params: dict) -> nnx.Module:
+def merge(graphdef: nnx.GraphDef, params: dict, groups=()) -> nnx.Module:
+  """The module from its parameters; `groups`: the stacks held stacked in `params`
+  (stack_layers), sliced back to layers (inside jit: no copy, see unstack_layers)."""
+  if groups:
+    params = unstack_layers(params, groups)
   return nnx.merge(graphdef, nnx.State(params))
 
 
@@ -85,6 +89,77 @@ def combine(*trees: dict) -> dict:
         raise ValueError(f"parameter {k} appears in more than one tree")
       flat[k] = v
   return unflatten(flat)
+
+
+# --- per-layer weights held stacked -------------------------------------------------------------
+
+STACKED = "stacked"  # the path component that replaces the layer index of a stacked group
+_LAYER = re.compile(r"^(.*?)/(\d+)/(.+)$")
+_STACKED = re.compile(rf"^(.*?)/{STACKED}/(.+)$")
+
+
+def layer_groups(tree: dict) -> tuple[tuple[str, int], ...]:
+  """The stacks of `tree`: ((prefix, n), ...) for every `prefix/{0..n-1}/...` (the first integer
+  path component) whose n >= 2 layers hold the same leaves (paths, shapes and dtypes)."""
+  layers_of: dict[str, dict[int, dict]] = {}
+  for path, leaf in flatten(tree).items():
+    m = _LAYER.match(path)
+    if m:
+      layers_of.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = (
+          tuple(leaf.shape), str(leaf.dtype))
+  return tuple(sorted(
+      (prefix, len(ls)) for prefix, ls in layers_of.items()
+      if len(ls) >= 2 and sorted(ls) == list(range(len(ls)))
+      and all(ls[i] == ls[0] for i in range(len(ls)))))
+
+
+def stack_layers(tree: dict, groups, leaf_fn=None) -> dict:
+  """Each group's leaves `prefix/{i}/rest` → one leaf `prefix/stacked/rest` with a leading layer
+  axis: `leaf_fn(leaves in layer order)`, by default jnp.stack (see stacked_sharding and
+  stacked_abstract for trees of shardings and of ShapeDtypeStructs). Other leaves are kept."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  leaf_fn = leaf_fn or jnp.stack
+  prefixes = dict(groups)
+  out, pending = {}, {}
+  for path, leaf in flatten(tree).items():
+    m = _LAYER.match(path)
+    if m and m[1] in prefixes:
+      pending.setdefault(f"{m[1]}/{STACKED}/{m[3]}", {})[int(m[2])] = leaf
+    else:
+      out[path] = leaf
+  for path, by_layer in pending.items():
+    out[path] = leaf_fn([by_layer[i] for i in range(len(by_layer))])
+  return unflatten(out)
+
+
+def unstack_layers(tree: dict, groups) -> dict:
+  """Inverse of stack_layers: layer i's leaves are `stacked[i]`. Inside jit the scan over the
+  layers (layers.call_blocks) stacks these slices again, which XLA folds back into the stacked
+  array: no per-step copy of the weights."""
+  counts = dict(groups)
+  out = {}
+  for path, leaf in flatten(tree).items():
+    m = _STACKED.match(path)
+    if m and m[1] in counts:
+      for i in range(counts[m[1]]):
+        out[f"{m[1]}/{i}/{m[2]}"] = leaf[i]
+    else:
+      out[path] = leaf
+  return unflatten(out)
+
+
+def stacked_sharding(shardings: list) -> jax.sharding.NamedSharding:
+  """stack_layers' leaf_fn for shardings: layer 0's, with the new layer axis unsharded."""
+  first = shardings[0]
+  return jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec(None, *first.spec))
+
+
+def stacked_abstract(leaves: list) -> jax.ShapeDtypeStruct:
+  """stack_layers' leaf_fn for ShapeDtypeStructs (with or without shardings)."""
+  first = leaves[0]
+  sh = getattr(first, "sharding", None)
+  return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype,
+                              sharding=stacked_sharding([sh]) if sh is not None else None)
 
 
 def count(tree: PyTree) -> int:

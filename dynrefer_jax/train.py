@@ -52,8 +52,18 @@ class ModelState:
   frozen_shardings: Any
   mesh: Any
   rules: Any
+  # ((prefix, layers), ...) when `frozen` holds those stacks stacked (stack_frozen), else ().
+  frozen_groups: tuple = ()
 
   def params(self) -> dict:
+    """Every parameter in the module's per-layer layout (stacked frozen weights are sliced:
+    copies outside jit; see held_params)."""
+    return functional.combine(self.trainable,
+                              functional.unstack_layers(self.frozen, self.frozen_groups))
+
+  def held_params(self) -> dict:
+    """Every parameter as held (frozen stacks stacked): for jitted functions that merge with
+    `functional.merge(graphdef, params, state.frozen_groups)`."""
     return functional.combine(self.trainable, self.frozen)
 
   def model(self, params: dict | None = None) -> nnx.Module:
@@ -118,6 +128,30 @@ def build_model(config: ml_collections.ConfigDict, text_token_ids: dict, mesh, *
   return state
 
 
+def stack_frozen(state: ModelState) -> None:
+  """Holds each uniform stack of frozen per-layer weights (the ViT's, T5's and the text tower's
+  blocks) as one array with a leading layer axis (functional.stack_layers), in place of the
+  per-layer arrays. The step slices it per layer and the scan over the layers stacks the slices
+  again, which XLA folds away; with per-layer arrays the scan's stack is a copy of the frozen
+  weights in every step (7.5 GB at full size on one device). Works on arrays (jitted, onto the
+  stacked shardings, the per-layer arrays donated) and on abstract states (memory plans).
+  A no-op when nothing is stackable or already stacked. Meant for config.model.scan_layers
+  (unrolled layers gain nothing from it)."""
+  groups = functional.layer_groups(state.frozen)
+  if state.frozen_groups or not groups:
+    return
+  shardings = functional.stack_layers(state.frozen_shardings, groups,
+                                      leaf_fn=functional.stacked_sharding)
+  leaves = jax.tree.leaves(state.frozen)
+  if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
+    state.frozen = functional.stack_layers(state.frozen, groups,
+                                           leaf_fn=functional.stacked_abstract)
+  else:
+    state.frozen = jax.jit(lambda f: functional.stack_layers(f, groups),
+                           out_shardings=shardings, donate_argnums=0)(state.frozen)
+  state.frozen_shardings, state.frozen_groups = shardings, groups
+
+
 def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings,
                         mesh):
   """Moments follow their parameters' shardings; everything else (counts) is replicated."""
@@ -139,15 +173,16 @@ def make_train_step(state: ModelState, tx: optax.GradientTransformation, schedul
   """The pure update (trainable, opt_state, frozen, batch, rng) → (trainable, opt_state, metrics).
 
   The step number is the optimizer's own count, so the update needs nothing else: the step's
-  key is fold_in(rng, step). Gradients are taken with respect to `trainable` only; `frozen`
+  key is fold_in(rng, step). `frozen` is in the state's layout (stacked after stack_frozen). Gradients are taken with respect to `trainable` only; `frozen`
   (possibly bf16) is never differentiated. Metrics: loss, each head's loss, grad_norm,
   param_norm, lr (all scalars, replicated).
   """
-  graphdef, mesh, rules = state.graphdef, state.mesh, state.rules
+  graphdef, mesh, rules, groups = state.graphdef, state.mesh, state.rules, state.frozen_groups
 
   def step_fn(trainable, opt_state, frozen, batch, rng):
     step = optim.step_count(opt_state)
     rng = jax.random.fold_in(rng, step)
+    frozen = functional.unstack_layers(frozen, groups)  # slices of the stacks (stack_frozen)
 
     def loss_fn(tr):
       with sharding.activation_rules(mesh, rules), layers.remat_policy(remat):
@@ -267,6 +302,8 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
     if kept and is_main:
       print(f"model_init {config.model_init} does not hold {', '.join(kept)}: they start from "
             f"the model's initialisation (seed {config.seed})", flush=True)
+  if config.model.get("scan_layers", False):
+    stack_frozen(state)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)
   total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
   tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch,

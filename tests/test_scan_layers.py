@@ -266,3 +266,68 @@ def test_config_flag_reaches_every_stack_and_keeps_the_layout():
     trees[scan] = jax.tree.map(lambda x: (x.shape, x.dtype), functional.split(model)[1])
   assert trees[True] == trees[False]
   assert configs_common.full_model().scan_layers
+
+
+def test_frozen_stacks_held_stacked_same_step_and_no_stack_copy(devices8):
+  """train.stack_frozen: the frozen ViT / T5 / text stacks held with a leading layer axis give
+  the per-layer state's update exactly, on a 2-way FSDP mesh, and the compiled step no longer
+  concatenates them (the per-step copy of the frozen weights the scan's stack made)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import optim, train  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from test_scale import make_batches, tiny_config, token_ids  # pylint: disable=import-outside-toplevel
+  # The original's trainable set: the towers are frozen (float32 here, so that no dtype
+  # conversion sits between the slices and the scan's stack).
+  config = tiny_config((1, 2, 1), **{"model.vit.depth": 3, "model.lm.num_decoder_layers": 2,
+                                     "frozen_dtype": ""})
+  config.trainable = list(configs_common.ORIGINAL_TRAINABLE)
+  mesh = sharding.make_mesh((1, 2, 1), devices8[:2])
+  batch = make_batches(1)[0]
+  runs = {}
+  built = train.build_model(config, token_ids(), mesh)
+  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  for stacked in (False, True):
+    # The same initial state twice (the step donates its trainable; stacking donates frozen).
+    state = dataclasses.replace(built, trainable=copy(built.trainable), frozen=copy(built.frozen))
+    if stacked:
+      per_layer = {k: np.asarray(v) for k, v in functional.flatten(state.frozen).items()}
+      train.stack_frozen(state)
+      depths = {"t5_model/decoder/layers": 2, "visual_encoder/blocks": 3,
+                "t5_model/encoder/layers": config.model.lm.num_encoder_layers,
+                "text_encoder/blocks": config.model.text.depth}
+      assert dict(state.frozen_groups) == {k: n for k, n in depths.items() if n >= 2}
+      flat = functional.flatten(state.frozen)
+      for k, v in per_layer.items():  # stacked[i] is layer i, bit for bit
+        m = re.match(r"^(.*?)/(\d+)/(.+)$", k)
+        stacked_here = m and m[1] in dict(state.frozen_groups)
+        got = flat[f"{m[1]}/stacked/{m[3]}"][int(m[2])] if stacked_here else flat[k]
+        np.testing.assert_array_equal(np.asarray(got), v, err_msg=k)
+      stack_shapes = {tuple(v.shape) for k, v in flat.items() if "/stacked/" in k}
+    tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch=10)
+    opt_state, opt_sh = train.init_optimizer(tx, state)
+    step = train.jit_train_step(state, tx, schedule, opt_sh,
+                                train.batch_shardings(batch, mesh, state.rules))
+    args = (state.trainable, opt_state, state.frozen, sharding.host_to_global(batch, mesh, state.rules),
+            jax.random.key_data(jax.random.key(0)))
+    compiled = step.lower(*args).compile()
+    trainable, _, metrics = compiled(*args)
+    runs[stacked] = (compiled.as_text(), float(metrics["loss"]),
+                     {k: np.asarray(v) for k, v in functional.flatten(trainable).items()})
+  (hlo_a, loss_a, tr_a), (hlo_b, loss_b, tr_b) = runs[False], runs[True]
+  assert loss_b == pytest.approx(loss_a, rel=1e-6)
+  for k in tr_a:
+    np.testing.assert_allclose(tr_b[k], tr_a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+  def concatenated(hlo):  # HLO shapes of every concatenate's output ("f32[3,32,64]" → dims)
+    return {tuple(int(d) for d in m[1].split(",") if d)
+            for m in re.finditer(r"= f32\[([\d,]*)\][^ ]* concatenate\(", hlo)}
+  # Per-device shapes: FSDP shards the larger weights along one axis (2 devices).
+  def shards(shape):
+    return {shape} | {shape[:i] + (shape[i] // 2,) + shape[i + 1:]
+                      for i in range(1, len(shape)) if shape[i] % 2 == 0}
+  stacks = set().union(*(shards(s) for s in stack_shapes))
+  assert concatenated(hlo_a) & stacks, "the per-layer step stacks the frozen layers"
+  assert not concatenated(hlo_b) & stacks

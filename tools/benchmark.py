@@ -12,8 +12,11 @@ and times at `--regions` regions per step (median of `--steps` calls after `--wa
 waited for with jax.block_until_ready):
 
 - `vit_forward`: the vision tower alone on regions × views images of random pixels;
-- `train`: `dynrefer_jax.train.jit_train_step` (the trainer's shardings, donation, remat) on a
-  random batch (tools/memory_plan.py's batch, 20 caption and 8 control tokens as the anchor);
+- `train`: `dynrefer_jax.train.jit_train_step` (the trainer's shardings, donation, remat, the
+  frozen stacks held stacked as train.stack_frozen does) on a random batch (tools/memory_plan.py's
+  batch, 20 caption and 8 control tokens as the anchor); when XLA's compiled plan exceeds the
+  free device memory it says so ("does_not_fit", with the plan) and retries with remat "dots",
+  then "full", before running anything;
 - `caption`: views → vision tower → RoI-Align/aligner/fusion/Q-Former → beam search (2 beams,
   20 new tokens, repetition penalty 1.5, EOS blocked for 20 tokens as the anchor's
   min_new_tokens), one jitted function; view t fixed at linspace(0, 1, V), no heads (the anchor
@@ -130,9 +133,12 @@ def build_state(config, ids: dict, weights: str):
   from dynrefer_jax import sharding, train  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(dict(config.sharding.mesh))
   if not weights:
-    return train.build_model(config, ids, mesh)
-  _, state = train.abstract_model(config, ids, mesh)
-  train._load_model_init(state, weights, config)  # pylint: disable=protected-access
+    state = train.build_model(config, ids, mesh)
+  else:
+    _, state = train.abstract_model(config, ids, mesh)
+    train._load_model_init(state, weights, config)  # pylint: disable=protected-access
+  if config.model.get("scan_layers", False):
+    train.stack_frozen(state)  # as the trainer holds them (no per-step copy of the stacks)
   return state
 
 
@@ -153,6 +159,33 @@ def peak_bytes():
   except Exception:  # pylint: disable=broad-except
     return None
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def free_device_bytes() -> int | None:
+  """bytes_limit − bytes_in_use of the first local device, None where the backend keeps none."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def compiled_bytes(compiled) -> dict:
+  """XLA's per-device plan of a compiled program: arguments, outputs, aliases, temporaries and
+  what it needs on top of its (already resident) arguments."""
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return {}
+  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+  out["extra"] = out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+class DoesNotFit(RuntimeError):
+  """The compiled step needs more device memory than is free (nothing was run)."""
 
 
 def time_calls(run, steps: int, warmup: int) -> tuple[float, list[float]]:
@@ -192,7 +225,7 @@ def caption_flops_per_region(m, *, num_beams: int, new_tokens: int,
   return float(vision + enc + num_beams * new_tokens * per_token)
 
 
-def relative_errors(graphdef, params, feats, ref) -> dict:
+def relative_errors(graphdef, params, feats, ref, groups=()) -> dict:
   """‖a − b‖ / ‖b‖ of ViT features float[N, L, C] (a against the reference b), raw and after
   ln_vision (in float32), and the worst token's after ln_vision."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -201,7 +234,7 @@ def relative_errors(graphdef, params, feats, ref) -> dict:
 
   @jax.jit
   def errors(params, a, b):
-    ln = functional.merge(graphdef, params).ln_vision
+    ln = functional.merge(graphdef, params, groups).ln_vision
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     la, lb = ln(a), ln(b)
     token = jnp.linalg.norm(la - lb, axis=-1) / jnp.maximum(jnp.linalg.norm(lb, axis=-1), 1e-30)
@@ -248,13 +281,14 @@ class Bench:
 
 # ------------------------------------------------------------------------------ modes
 
-def vit_fn(graphdef):
-  """(params, images float[N, S, S, 3]) → the vision tower's features float[N, 1 + P, C]."""
+def vit_fn(graphdef, groups=()):
+  """(params, images float[N, S, S, 3]) → the vision tower's features float[N, 1 + P, C];
+  params as the state holds them (`groups`: its stacked frozen stacks)."""
   from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
-  return lambda params, images: functional.merge(graphdef, params).visual_encoder(images)
+  return lambda params, images: functional.merge(graphdef, params, groups).visual_encoder(images)
 
 
-def caption_fn(graphdef, m, gen: dict):
+def caption_fn(graphdef, m, gen: dict, groups=()):
   """(params, batch with image, image_hw, box, control_ids, control_mask) → (ids int[B, T],
   scores float[B]): views at t = linspace(0, 1, V) → region tokens → beam search."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -263,7 +297,7 @@ def caption_fn(graphdef, m, gen: dict):
   dtype = jnp.dtype(m.get("dtype") or "float32")
 
   def caption(params, batch):
-    model = functional.merge(graphdef, params)
+    model = functional.merge(graphdef, params, groups)
     n = batch["box"].shape[0]
     ts = jnp.broadcast_to(jnp.linspace(0.0, 1.0, m.num_views), (n, m.num_views))
     pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
@@ -289,8 +323,8 @@ def run_vit_forward(b: Bench, graphdef, *, fp8: bool = False):
   dtype = jnp.dtype(m.get("dtype") or "float32")
   images = jax.jit(lambda k: jax.random.normal(k, (n, m.vit.image_size, m.vit.image_size, 3),
                                                dtype))(jax.random.key(1))
-  params = b.state.params()
-  compiled, lower_s, compile_s = aot_compile(jax.jit(vit_fn(graphdef)), params, images)
+  params, groups = b.state.held_params(), b.state.frozen_groups
+  compiled, lower_s, compile_s = aot_compile(jax.jit(vit_fn(graphdef, groups)), params, images)
   step_s, times = time_calls(lambda: compiled(params, images), b.args.steps, b.args.warmup)
   per_region = flops.flops_per_region(m, num_tags=1)["vit"]
   b.measured("vit_forward", step_s=step_s, times=times, compile_s=lower_s + compile_s,
@@ -299,8 +333,26 @@ def run_vit_forward(b: Bench, graphdef, *, fp8: bool = False):
   return compiled(params, images), images
 
 
-def run_train(b: Bench, graphdef, *, fp8: bool = False) -> None:
-  """Steps of the trainer's jitted update; the state goes on from the last step."""
+def run_train_fitting(b: Bench, graphdef, *, fp8: bool = False) -> None:
+  """run_train at config.model.remat; when its compiled plan does not fit in the free device
+  memory, a `train` line with status "does_not_fit" and the plan, then remat "dots", then
+  "full" (the figure line names the remat it ran with)."""
+  first = b.config.model.get("remat", "none")
+  order = [first] + [r for r in ("dots", "full") if r != first]
+  for i, remat in enumerate(order):
+    try:
+      return run_train(b, graphdef, fp8=fp8, remat=remat, must_fit=i + 1 < len(order))
+    except DoesNotFit as e:
+      b.emit({"mode": "train", "status": "does_not_fit", "vit_fp8": fp8, "remat": remat,
+              **e.args[0]})
+  return None
+
+
+def run_train(b: Bench, graphdef, *, fp8: bool = False, remat: str | None = None,
+              must_fit: bool = False) -> None:
+  """Steps of the trainer's jitted update; the state goes on from the last step. must_fit:
+  raise DoesNotFit (before running, so nothing is donated) when XLA's plan exceeds the free
+  device memory."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import flops, optim, train  # pylint: disable=import-outside-toplevel
@@ -311,10 +363,14 @@ def run_train(b: Bench, graphdef, *, fp8: bool = False) -> None:
   batch = {k: jax.device_put(v, batch_sh[k]) for k, v in b.batch.items()}
   replicated = jax.sharding.NamedSharding(state.mesh, jax.sharding.PartitionSpec())
   rng = jax.device_put(np.asarray(jax.random.key_data(jax.random.key(0))), replicated)
-  step = train.jit_train_step(state, tx, schedule, opt_sh, batch_sh,
-                              remat=b.config.model.get("remat", "none"))
+  remat = remat or b.config.model.get("remat", "none")
+  step = train.jit_train_step(state, tx, schedule, opt_sh, batch_sh, remat=remat)
   compiled, lower_s, compile_s = aot_compile(step, state.trainable, opt_state, state.frozen,
                                              batch, rng)
+  plan, free = compiled_bytes(compiled), free_device_bytes()
+  if must_fit and plan and free is not None and plan["extra"] > free:
+    del opt_state
+    raise DoesNotFit({"plan_bytes": plan, "free_bytes": free, "compile_s": lower_s + compile_s})
   carry = {"trainable": state.trainable, "opt": opt_state, "loss": None}
 
   def run():
@@ -328,7 +384,8 @@ def run_train(b: Bench, graphdef, *, fp8: bool = False) -> None:
   per_region = flops.flops_per_region(b.config.model, num_tags=b.batch["tags"].shape[1])["total"]
   b.measured("train", step_s=step_s, times=times, compile_s=lower_s + compile_s,
              lower_s=lower_s, flops_per_region=per_region, fp8=fp8,
-             loss=float(carry["loss"]), remat=b.config.model.get("remat", "none"))
+             loss=float(carry["loss"]), remat=remat, plan_bytes=plan,
+             frozen_stacked=[p for p, _ in state.frozen_groups])
 
 
 def run_caption(b: Bench, graphdef, *, fp8: bool = False) -> None:
@@ -340,8 +397,9 @@ def run_caption(b: Bench, graphdef, *, fp8: bool = False) -> None:
   keys = ("image", "image_hw", "box", "control_ids", "control_mask")
   batch_sh = train.batch_shardings({k: b.batch[k] for k in keys}, b.state.mesh, b.state.rules)
   batch = {k: jax.device_put(b.batch[k], batch_sh[k]) for k in keys}
-  params = b.state.params()
-  compiled, lower_s, compile_s = aot_compile(jax.jit(caption_fn(graphdef, m, gen)), params, batch)
+  params = b.state.held_params()
+  compiled, lower_s, compile_s = aot_compile(
+      jax.jit(caption_fn(graphdef, m, gen, b.state.frozen_groups)), params, batch)
   step_s, times = time_calls(lambda: compiled(params, batch), a.steps, a.warmup)
   ids, _ = compiled(params, batch)
   b.measured("caption", step_s=step_s, times=times, compile_s=lower_s + compile_s,
@@ -371,7 +429,8 @@ def fp8_graphdef(b: Bench, recipe=True):
   m = b.config.model
   image = jax.ShapeDtypeStruct((1, m.vit.image_size, m.vit.image_size, 3),
                                jnp.dtype(m.get("dtype") or "float32"))
-  hlo = jax.jit(vit_fn(graphdef)).lower(b.state.params(), image).as_text()
+  hlo = jax.jit(vit_fn(graphdef, b.state.frozen_groups)).lower(b.state.held_params(),
+                                                                 image).as_text()
   if "f8e4m3fn" not in hlo.lower():
     return graphdef, None
   return graphdef, sum("dot_general" in line and "f8E4M3FN" in line for line in hlo.splitlines())
@@ -477,14 +536,15 @@ def main(argv=None) -> int:
               "error": f"{type(e).__name__}: {str(e)[:2000]}"})
       return None
 
-  runners = {"vit_forward": run_vit_forward, "train": run_train, "caption": run_caption}
+  runners = {"vit_forward": run_vit_forward, "train": run_train_fitting,
+             "caption": run_caption}
   base_fp8 = bool(config.model.get("vit_fp8", False))   # --set model.vit_fp8=true
   for mode in args.modes:
     attempt(mode, runners[mode], state.graphdef, fp8=base_fp8)
   if args.vit_fp8:
     graphdef = attempt("vit_fp8", run_fp8, recipe=args.vit_fp8)
     if graphdef is not None and "train" in args.modes:
-      attempt("train", run_train, graphdef, fp8=True)
+      attempt("train", run_train_fitting, graphdef, fp8=True)
   return 1 if b.failed else 0
 
 
@@ -507,16 +567,16 @@ def run_fp8(b: Bench, recipe=True):
     return None
   feats, images = run_vit_forward(b, graphdef, fp8=True)
   # The reference runs now, on the same parameters: the train mode has updated a trainable tower.
-  params = b.state.params()
-  ref = jax.jit(vit_fn(b.state.graphdef))(params, images)
-  errors = relative_errors(b.state.graphdef, params, feats, ref)
+  params, groups = b.state.held_params(), b.state.frozen_groups
+  ref = jax.jit(vit_fn(b.state.graphdef, groups))(params, images)
+  errors = relative_errors(b.state.graphdef, params, feats, ref, groups)
   ref_dtype = jnp.dtype(b.config.model.get("dtype") or "float32")
   if ref_dtype != jnp.float32:
     g32 = model_graphdef(b, dtype="float32")
     with jax.default_matmul_precision("highest"):
-      f32 = jax.jit(vit_fn(g32))(params, images.astype(jnp.float32))
-    vs32 = relative_errors(b.state.graphdef, params, feats, f32)
-    ref32 = relative_errors(b.state.graphdef, params, ref, f32)
+      f32 = jax.jit(vit_fn(g32, groups))(params, images.astype(jnp.float32))
+    vs32 = relative_errors(b.state.graphdef, params, feats, f32, groups)
+    ref32 = relative_errors(b.state.graphdef, params, ref, f32, groups)
     errors.update({f"{k}_vs_f32": v for k, v in vs32.items()})
     errors.update({f"reference_{k}_vs_f32": v for k, v in ref32.items()})
   note = ({"note": "the config trains the vision tower: fp8 features measured with it frozen "

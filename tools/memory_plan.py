@@ -81,6 +81,8 @@ def plan(config, mesh, regions_per_device: int, *, image_size: int, caption_len:
          "classes": np.zeros((num_classes, text_len), np.int32)}
   t0 = time.time()
   _, state = train.abstract_model(config, ids, mesh)
+  if config.model.get("scan_layers", False):
+    train.stack_frozen(state)  # as the trainer holds them
   tx, schedule = optim.make_optimizer(config.optim, state.trainable, steps_per_epoch=1000)
   opt_abstract = jax.eval_shape(tx.init, state.trainable)
   opt_sh = train.optimizer_shardings(tx, opt_abstract, state.trainable_shardings, mesh)
