@@ -44,7 +44,12 @@ def test_split_argv():
   assert rest == ["--workdir", "w"] and spec == "c.py:smoke" and ov == ["train.steps=3", "a=1"]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "[!_]*.py"))))
+# dynrefer_refcocog's smoke run is dynrefer_vg's toy model and trainer on another fixture split
+# (its data path is covered by test_builders / test_data_setup): it runs with -m slow, to keep
+# the default suite inside its 15 minutes on 2 cores.
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if p.endswith("dynrefer_refcocog.py") else p
+    for p in sorted(glob.glob(os.path.join(ROOT, "configs", "[!_]*.py")))])
 def test_every_config_runs_two_steps_in_smoke_mode(path, tmp_path, request):
   if os.path.basename(path) == "common.py":  # building blocks, not a runnable config
     return

@@ -614,7 +614,11 @@ def test_model_init_from_training_workdirs(world, converted):
   # A run on randomly initialised frozen weights: only its trainables; the seed must match.
   w3 = world["tmp"] / "w_random"
   _save_workdir(w3, functional.unflatten(run1), "random init (seed 7)", seed=7)
-  state = train_lib.build_model(config, vocab.text_token_ids, mesh)
+  # A fresh state: the converted weights' values stand in for the trainer's own initialisation.
+  state = dataclasses.replace(
+      state, trainable=jax.tree.map(lambda x: x.copy(), state.trainable),
+      frozen=jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          state.frozen))
   with pytest.raises(ValueError, match="--config.seed=7"):
     train_lib._load_model_init(state, str(w3), config)  # pylint: disable=protected-access
   frozen_before = {k: np.asarray(v) for k, v in functional.flatten(state.frozen).items()}
