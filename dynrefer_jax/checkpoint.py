@@ -83,13 +83,18 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
+def _reading_manager(directory: str) -> ocp.CheckpointManager:
+  """A manager whose items have explicit handlers, so that their metadata can be read."""
+  return ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
 def read_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
   """(step, state) of a trainer checkpoint as host numpy arrays, for inspection and tests.
 
   No target shardings are needed: every leaf is read whole onto the host.
   """
-  mgr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
-      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  mgr = _reading_manager(directory)
   try:
     step = mgr.latest_step() if step is None else step
     if step is None:
@@ -130,8 +135,7 @@ def saved_shapes(directory: str, step: int, item: str) -> dict[str, tuple[int, .
   """{'/'-joined path: shape} of one entry ("params", "trainable") of a saved step, from the
   checkpoint's metadata (no array is read); {} when the step has no such entry."""
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  mgr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
-      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  mgr = _reading_manager(directory)
   try:
     meta = mgr.item_metadata(step)["state"]
   finally:

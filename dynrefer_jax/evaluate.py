@@ -150,10 +150,9 @@ PUBLISHED = {
 
 def results_table(results: dict, published: dict | None) -> str:
   """Markdown: one section per split, every metric beside its published figure (if any) and
-  the trivial baseline (if computed). published: {metric: (readme, paper)} for every split,
-  or {split: that dict or None} (keys that are split names of `results`)."""
-  splits = {k for k, v in results.items() if isinstance(v, dict)}
-  per_split = bool(published) and set(published) <= splits
+  the trivial baseline (if computed). published: {split: {metric: (readme, paper)} or None}
+  (published_for)."""
+  published = published or {}
   lines = ["# Evaluation", ""]
   if results.get("step") is not None:
     lines += [f"Checkpoint step {results['step']}.", ""]
@@ -164,14 +163,14 @@ def results_table(results: dict, published: dict | None) -> str:
     lines += [f"## Split `{split}`", "",
               "| metric | ours | published (README) | paper | trivial baseline |",
               "|---|---|---|---|---|"]
-    figures = (published or {}).get(split) if per_split else published
+    figures = published.get(split)
     for key in sorted(metrics):
       readme, paper = (figures or {}).get(key, (None, None))
       cell = lambda v: "–" if v is None else f"{v:.2f}"
       lines.append(f"| {key} | {cell(metrics[key])} | {cell(readme)} | {cell(paper)} | "
                    f"{cell(base.get(key))} |")
     lines.append("")
-  if not (any(published.values()) if per_split else published):
+  if not any(published.values()):
     lines.append("No published figure exists for this dataset (SPEC §14 lists VG, RefCOCOg, "
                  "OVAD and COCO).")
   lines.append("SPICE is not computed (it needs a download at run time).")

@@ -238,7 +238,11 @@ def _abstract_model(config, vocab: Vocab):
 
 def _restore(ckdir: str, abstract: dict, item: str):
   from dynrefer_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  step = ckpt_lib.Checkpointer(ckdir, async_save=False).latest_step()
+  ck = ckpt_lib.Checkpointer(ckdir, async_save=False)
+  try:
+    step = ck.latest_step()
+  finally:
+    ck.close()
   if step is None:
     raise PredictError(f"no checkpoint steps in {ckdir}")
   return ckpt_lib.restore_item(ckdir, item, abstract, step), step

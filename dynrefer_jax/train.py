@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import os
+import re
 import signal
 import sys
 import time
@@ -173,9 +173,10 @@ def make_train_step(state: ModelState, tx: optax.GradientTransformation, schedul
   """The pure update (trainable, opt_state, frozen, batch, rng) → (trainable, opt_state, metrics).
 
   The step number is the optimizer's own count, so the update needs nothing else: the step's
-  key is fold_in(rng, step). `frozen` is in the state's layout (stacked after stack_frozen). Gradients are taken with respect to `trainable` only; `frozen`
-  (possibly bf16) is never differentiated. Metrics: loss, each head's loss, grad_norm,
-  param_norm, lr (all scalars, replicated).
+  key is fold_in(rng, step). `frozen` is in the state's layout (stacked after stack_frozen).
+  Gradients are taken with respect to `trainable` only; `frozen` (possibly bf16) is never
+  differentiated. Metrics: loss, each head's loss, grad_norm, param_norm, lr (all scalars,
+  replicated).
   """
   graphdef, mesh, rules, groups = state.graphdef, state.mesh, state.rules, state.frozen_groups
 

@@ -32,7 +32,7 @@ def test_results_table_beside_published_figures():
   results = {"step": 7, "test": {"region_caption/CIDEr": 101.234, "region_caption/METEOR": 17.5},
              "test/baseline": {"region_caption/CIDEr": 3.0},
              "published": {"region_caption/CIDEr": {"readme": 115.3, "paper": 115.7}}}
-  md = evaluate.results_table(results, evaluate.PUBLISHED["refcocog"])
+  md = evaluate.results_table(results, {"test": evaluate.PUBLISHED["refcocog"]})
   assert "Checkpoint step 7." in md
   assert "| region_caption/CIDEr | 101.23 | 115.30 | 115.70 | 3.00 |" in md
   assert "| region_caption/METEOR | 17.50 | 18.10 | – | – |" in md

@@ -338,6 +338,7 @@ def test_frozen_stacks_held_stacked_without_a_copy(devices8):
   runs, stacks = _frozen_stack_runs(devices8, (True,))
   hlo, loss, _ = runs[True]
   assert np.isfinite(loss)
+  assert _concatenated(hlo), "the pattern reads this HLO (it has other float32 concatenates)"
   assert stacks and not _concatenated(hlo) & stacks
 
 

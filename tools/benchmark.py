@@ -369,7 +369,6 @@ def run_train(b: Bench, graphdef, *, fp8: bool = False, remat: str | None = None
                                              batch, rng)
   plan, free = compiled_bytes(compiled), free_device_bytes()
   if must_fit and plan and free is not None and plan["extra"] > free:
-    del opt_state
     raise DoesNotFit({"plan_bytes": plan, "free_bytes": free, "compile_s": lower_s + compile_s})
   carry = {"trainable": state.trainable, "opt": opt_state, "loss": None}
 

@@ -222,7 +222,7 @@ def convert_full(states: Mapping[str, Mapping[str, np.ndarray]], expected: Shape
 
   states: {"dynrefer", "eva_vit", "blip2", "t5", "eva_clip"}: flat state dicts; "dynrefer" None
   converts the pretrained initialisation: Q-Former and t5_proj from the BLIP-2 file, and no
-  DYNREFER_ONLY parameter (see pretrained_only_paths).
+  DYNREFER_ONLY parameter (see left_to_model_init).
   expected: {path: shape} of the model without its tables (see TABLES).
   """
   problems = _Problems()
