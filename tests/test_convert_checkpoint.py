@@ -391,6 +391,21 @@ def converted(world):
   return out, json.loads(printed.getvalue())
 
 
+@pytest.fixture(scope="module")
+def fresh_state(world, converted):
+  """A factory of the trainer's initial state for the toy config (built once: its jitted init
+  is the cost), each call with its own copies of the arrays."""
+  import dataclasses as dc
+  from dynrefer_jax import sharding
+  from dynrefer_jax import train as train_lib
+  config = config_lib.load(world["config_path"])
+  vocab = predict_lib.Vocab.from_converted(str(converted[0]))
+  built = train_lib.build_model(config, vocab.text_token_ids,
+                                sharding.make_mesh(dict(config.sharding.mesh)))
+  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  return lambda: dc.replace(built, trainable=copy(built.trainable), frozen=copy(built.frozen))
+
+
 def test_converted_model_matches_pytorch_reference(world, converted):
   out, report = converted
   assert report["notes"] == []
@@ -483,10 +498,9 @@ def test_converted_model_matches_pytorch_reference(world, converted):
   assert (tok_ids["tag_token_ids"].max(1) == 49407).all()
 
 
-def test_pretrained_init_without_dynrefer_file(world, capsys):
+def test_pretrained_init_without_dynrefer_file(world, capsys, fresh_state):
   """What the original trains from: BLIP-2's Q-Former / t5_proj + the frozen towers, against
   the PyTorch reference; DynRefer's own modules untouched in the trainer's state."""
-  from dynrefer_jax import sharding
   from dynrefer_jax import train as train_lib
   argv = list(world["argv"])
   i = argv.index("--dynrefer")
@@ -508,8 +522,7 @@ def test_pretrained_init_without_dynrefer_file(world, capsys):
   with pytest.raises(predict_lib.PredictError, match="pretrained init"):
     predict_lib.load_params(config, str(out), vocab)
 
-  state = train_lib.build_model(config, vocab.text_token_ids,
-                                sharding.make_mesh(dict(config.sharding.mesh)))
+  state = fresh_state()
   before = {k: np.asarray(v) for k, v in functional.flatten(state.trainable).items()}
   assert train_lib._load_model_init(state, str(out), config) == left  # pylint: disable=protected-access
   params = functional.combine(state.trainable, state.frozen)
@@ -568,17 +581,16 @@ def _save_workdir(path, trainable, frozen_source, seed=0, step=5):
   ck.close()
 
 
-def test_model_init_from_training_workdirs(world, converted):
+def test_model_init_from_training_workdirs(world, converted, fresh_state):
   """model_init = a training workdir (the paper's RefCOCOg fine-tune from the VG model): its
   trainable parameters, the frozen ones from the weights it started from, down a chain of
   workdirs; a random-init chain needs the same seed; predict and the data setup follow it."""
-  from dynrefer_jax import checkpoint as ckpt_lib, sharding
+  from dynrefer_jax import checkpoint as ckpt_lib
   from dynrefer_jax import train as train_lib
   conv = converted[0]
   config = config_lib.load(world["config_path"])
   vocab = predict_lib.Vocab.from_converted(str(conv))
-  mesh = sharding.make_mesh(dict(config.sharding.mesh))
-  state = train_lib.build_model(config, vocab.text_token_ids, mesh)
+  state = fresh_state()
   converted = {k: np.asarray(v) for k, v in functional.flatten(
       predict_lib.load_params(config, str(conv), vocab)[1]).items()}
   tr_keys = sorted(functional.flatten(state.trainable))
