@@ -21,7 +21,10 @@ class Predictor:
   "class_scores", "ts", "tags"} as numpy / lists, one row per batch row."""
 
   def __init__(self, graphdef, config, data, *, view_selection: str | None = None,
-               fixed_ts=None):
+               fixed_ts=None, groups=()):
+    """groups: the layer stacks `params` holds stacked (functional.stack_layers; Runner.load and
+    the trainer's state hold them so): sliced per layer inside jit, with no copy of the weights
+    per call; () for per-layer params."""
     self.config = config
     self.data = data
     m = config.model
@@ -46,12 +49,13 @@ class Predictor:
 
     def heads(params, batch):
       ts = select(batch)
-      out = functional.merge(graphdef, params).predict_heads(batch, ts, t2a)
+      out = functional.merge(graphdef, params, groups).predict_heads(batch, ts, t2a)
       out["ts"] = ts
       return out
 
     def caption(params, z, control_ids, control_mask):
-      return functional.merge(graphdef, params).caption(z, control_ids, control_mask, **gen)
+      model = functional.merge(graphdef, params, groups)
+      return model.caption(z, control_ids, control_mask, **gen)
 
     self._heads = jax.jit(heads)
     self._caption = jax.jit(caption)

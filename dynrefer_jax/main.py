@@ -38,6 +38,8 @@ def restore_params(config, workdir: str, data, step: int | None = None, state=No
   if state is None:
     mesh = sharding.make_mesh(dict(config.sharding.mesh))
     state = train_lib.build_model(config, train_lib.text_token_ids_from(data), mesh)
+    if config.model.get("scan_layers", False):
+      train_lib.stack_frozen(state)  # the predictor slices the stacks: no copy per call
   abstract = {"trainable": ckpt_lib.abstract_with_shardings(state.trainable,
                                                             state.trainable_shardings)}
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
@@ -69,8 +71,8 @@ def metrics_over_training(config, workdir: str, data, split: str = "val") -> lis
   state, predictor, rows = None, None, []
   for step in checkpoint_steps(workdir):
     state, _ = restore_params(config, workdir, data, step=step, state=state)
-    predictor = predictor or Predictor(state.graphdef, config, data)
-    cached = eval_lib.predict_split(predictor, state.params(), data.eval_iterator(split))
+    predictor = predictor or Predictor(state.graphdef, config, data, groups=state.frozen_groups)
+    cached = eval_lib.predict_split(predictor, state.held_params(), data.eval_iterator(split))
     row = {"step": step, **eval_lib.run_evaluators(cached, OVER_TRAINING, cfg=ev_cfg)}
     rows.append({k: row[k] for k in ["step"] + [k for k, _ in HEADLINE if k in row]})
     print(f"[main] {split} at step {step}: " + ", ".join(
@@ -83,8 +85,8 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
   data = data or data_setup.prepare(config, workdir)
   data_setup.resolve_vocab(config, data)
   state, step = restore_params(config, workdir, data)
-  predictor = Predictor(state.graphdef, config, data)
-  params = state.params()
+  predictor = Predictor(state.graphdef, config, data, groups=state.frozen_groups)
+  params = state.held_params()
   train_table = sources.SyntheticSource(data.root, "train").table
   train_summary = {"captions": list(train_table.caption), "category": train_table.category,
                    "attributes": train_table.attributes}

@@ -312,14 +312,35 @@ def load_params(config, checkpoint_dir: str, vocab: Vocab):
   return graphdef, params, step
 
 
+def hold_stacked(config, params: dict) -> tuple[dict, tuple]:
+  """(params, groups): with config.model.scan_layers, each uniform stack of per-layer weights
+  (the ViT's, T5's, the text tower's blocks) held as one array with a leading layer axis
+  (functional.stack_layers, as the trainer holds its frozen ones), on the same shardings with the
+  layer axis unsharded. A jitted forward slices it per layer and XLA folds the scan's stack of
+  the slices away; per-layer arrays would be stacked into a copy in every call (several GB at
+  full size). Without scan_layers, or with no stack: (params, ())."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
+  groups = functional.layer_groups(params) if config.model.get("scan_layers", False) else ()
+  if not groups:
+    return params, ()
+  shardings = functional.stack_layers(jax.tree.map(lambda x: x.sharding, params), groups,
+                                      leaf_fn=functional.stacked_sharding)
+  # No donation: a per-layer array cannot alias its stack, so XLA could not reuse it anyway.
+  stack = jax.jit(lambda p: functional.stack_layers(p, groups), out_shardings=shardings)
+  return stack(params), groups
+
+
 # --------------------------------------------------------------------------------- runner
 
 class Runner:
   """A loaded model that predicts for (image, boxes) pairs; compiled once per view setting."""
 
   def __init__(self, config, graphdef, params, vocab: Vocab, *, batch_size: int = 8,
-               step: int | None = None):
+               step: int | None = None, groups=()):
+    """params: every variable, the layer stacks of `groups` held stacked (hold_stacked)."""
     self.config, self.graphdef, self.params, self.vocab = config, graphdef, params, vocab
+    self.groups = tuple(groups)
     self.batch_size = batch_size
     self.step = step
     self._predictors: dict = {}
@@ -340,7 +361,8 @@ class Runner:
       data_setup.resolve_vocab(config, data)
       vocab = Vocab.from_data(data)
     graphdef, params, step = load_params(config, checkpoint_dir, vocab)
-    return cls(config, graphdef, params, vocab, batch_size=batch_size, step=step)
+    params, groups = hold_stacked(config, params)
+    return cls(config, graphdef, params, vocab, batch_size=batch_size, step=step, groups=groups)
 
   @property
   def num_views(self) -> int:
@@ -351,7 +373,7 @@ class Runner:
     if views not in self._predictors:
       fixed = None if views == "auto" else tuple(views)
       self._predictors[views] = Predictor(self.graphdef, self.config, self.vocab,
-                                          fixed_ts=fixed)
+                                          fixed_ts=fixed, groups=self.groups)
     return self._predictors[views]
 
   def predict(self, image: np.ndarray, boxes: Sequence[Sequence[float]],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynrefer_jax import predict
+from dynrefer_jax import functional, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
@@ -140,6 +140,20 @@ def test_end_to_end_cli_and_library(files, trained, capsys):
   fixed = runner.predict(files["array"], [(10, 10, 60, 50)] * 3, views=[0, 0.3, 1.0])
   assert len(fixed) == 3 and all(r["views"] == [0.0, 0.3, 1.0] for r in fixed)
   assert fixed[2]["view_boxes"][2] == [0, 0, 120, 90]
+  # The runner holds its layer stacks stacked (the forward slices them, no copy per call), and
+  # predicts what the same weights in the per-layer layout predict.
+  stacked = [p for p in functional.flatten(runner.params) if f"/{functional.STACKED}/" in p]
+  assert runner.groups and stacked
+  assert {p.split(f"/{functional.STACKED}/")[0] for p in stacked} == {g for g, _ in runner.groups}
+  per_layer = predict.Runner(runner.config, runner.graphdef,
+                             functional.unstack_layers(runner.params, runner.groups),
+                             runner.vocab, batch_size=2)
+  again = per_layer.predict(files["array"], [(10, 10, 60, 50)] * 3, views=[0, 0.3, 1.0])
+  assert [r["caption"] for r in again] == [r["caption"] for r in fixed]
+  for a, b in zip(again, fixed):
+    np.testing.assert_allclose(a["caption_score"], b["caption_score"], rtol=1e-6)
+    np.testing.assert_allclose([t["score"] for t in a["attributes"]],
+                               [t["score"] for t in b["attributes"]], rtol=1e-6, atol=1e-7)
   # The same box three times (two batches, one padded) gives the same answer each time.
   assert fixed[0]["caption"] == fixed[1]["caption"] == fixed[2]["caption"]
   np.testing.assert_allclose([r["caption_score"] for r in fixed], fixed[0]["caption_score"],

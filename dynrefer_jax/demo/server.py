@@ -155,13 +155,15 @@ class _AnyViewsPredictor:
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from dynrefer_jax import functional, inference  # pylint: disable=import-outside-toplevel
     base = runner.predictor("auto")
-    self._inner = inference.Predictor(runner.graphdef, runner.config, runner.vocab)
+    self._inner = inference.Predictor(runner.graphdef, runner.config, runner.vocab,
+                                      groups=runner.groups)
     self._inner._caption = base._caption  # pylint: disable=protected-access
     self.tag_threshold = self._inner.tag_threshold
-    graphdef, t2a = runner.graphdef, np.asarray(runner.vocab.template_to_attribute)
+    graphdef, groups = runner.graphdef, runner.groups
+    t2a = np.asarray(runner.vocab.template_to_attribute)
 
     def heads(params, batch, ts):
-      out = functional.merge(graphdef, params).predict_heads(batch, ts, t2a)
+      out = functional.merge(graphdef, params, groups).predict_heads(batch, ts, t2a)
       out["ts"] = ts
       return out
 
