@@ -48,7 +48,7 @@ def test_toy_run_prints_every_mode_with_finite_positive_figures(toy_run):
   lines, written = toy_run
   assert written == lines  # --out holds exactly the printed lines
   by_mode = {(r["mode"], r.get("vit_fp8", False)): r for r in lines}
-  assert [r["mode"] for r in lines][:4] == ["setup", "vit_forward", "train", "caption"]
+  assert [r["mode"] for r in lines][:5] == ["setup", "vit_forward", "train", "caption", "views"]
   for r in lines:
     for key in COMMON:
       assert r[key], key
@@ -72,6 +72,15 @@ def test_toy_run_prints_every_mode_with_finite_positive_figures(toy_run):
   cap = by_mode[("caption", False)]
   assert (cap["num_beams"], cap["max_new_tokens"], cap["generated_tokens"]) == (2, 20, 20)
   assert cap["repetition_penalty"] == 1.5
+  views = by_mode[("views", False)]
+  assert views["status"] == "ok" and (views["selection"], views["num_views"]) == ("phash", 3)
+  for key in ("step_s", "regions_per_s", "compile_s", "train_views_s", "train_views_compile_s"):
+    _positive(views, key)
+  assert views["flops_per_region"] is None and views["tflops_per_s"] is None
+  train_s = by_mode[("train", False)]["step_s"]
+  assert views["train_step_s"] == train_s   # the bf16 step, not the fp8 one that runs later
+  assert views["share_of_train_step"] == pytest.approx(views["step_s"] / train_s)
+  assert views["train_views_share"] == pytest.approx(views["train_views_s"] / train_s)
 
 
 def test_toy_run_flop_counts_are_flops_py(toy_run):
@@ -138,7 +147,9 @@ def _ours(fp8_status="ok"):
             "regions_per_s": 256.0, "flops_per_region": 1.99e12,
             "tflops_per_s": 1.99 * 256.0, "peak_gib": 20.0, "compile_s": 45.0, **common},
            {"mode": "caption", "status": "ok", "vit_fp8": False, "regions": 64,
-            "regions_per_s": 300.0, **common}]
+            "regions_per_s": 300.0, **common},
+           {"mode": "views", "status": "ok", "vit_fp8": False, "regions": 64, "step_s": 0.004,
+            "train_step_s": 0.25, "share_of_train_step": 0.004 / 0.25, **common}]
   if fp8_status == "ok":
     lines += [{"mode": "vit_fp8", "status": "ok", "rel_error_ln_vision": 0.004, **common},
               {"mode": "train", "status": "ok", "vit_fp8": True, "regions": 64,
@@ -170,6 +181,7 @@ def test_report_ratios_from_synthetic_lines(tmp_path):
   assert fig["vit_tflops"]["value"] == pytest.approx(1.561 * 64 / 0.2 / 461.0)
   assert fig["peak_memory"]["value"] == pytest.approx(20.0 / 28.4) and fig["peak_memory"]["met"]
   assert fig["train_compile_s"]["value"] == 45.0 and fig["train_compile_s"]["met"]
+  assert fig["views_share"]["value"] == pytest.approx(0.016) and fig["views_share"]["met"]
   c = result["context"]
   assert c["same_device"] and c["flops_count_agrees"]
   # The roofline paragraph is filled from the same numbers.
@@ -180,6 +192,7 @@ def test_report_ratios_from_synthetic_lines(tmp_path):
   text = (tmp_path / "r.md").read_text(encoding="utf-8")
   assert "| training regions/s, bf16 | 256 | 132 | 1.94× | ≥ 2.0× | **no** |" in text
   assert result["roofline"] in text
+  assert "| 0.004 | — | 1.60% | ≤ 2% | yes |" in text
 
 
 def test_report_with_fp8_pending_and_another_card(tmp_path):

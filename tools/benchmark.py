@@ -21,10 +21,16 @@ waited for with jax.block_until_ready):
   20 new tokens, repetition penalty 1.5, EOS blocked for 20 tokens as the anchor's
   min_new_tokens), one jitted function; view t fixed at linspace(0, 1, V), no heads (the anchor
   times region tokens + generate).
+- `views` (issue 11): the dynamic-resolution input work alone, on the same images and boxes:
+  the image prior's view selection (all 11 candidate hashes per region and the scoring,
+  `views.select.select_ts("phash")`) plus the V views cut, resized and normalised
+  (`build_views`), one jitted function; step_s is that, `share_of_train_step` its fraction of
+  the bf16 `train` line's step (the target: ≤ 2%). `train_views_s` / `train_views_share`: the
+  train step's own view work (t=0 + random candidates, then build_views).
 
-Modes run in the anchor's order (vit_forward, train, caption) so that the cumulative peak memory
-after `train` compares with the anchor's `peak_gib` (torch.cuda.max_memory_allocated, also never
-reset). Each prints one JSON line: regions/s, step_s (median), achieved TFLOP/s by
+Modes run in the anchor's order (vit_forward, train, caption; then views) so that the cumulative
+peak memory after `train` compares with the anchor's `peak_gib` (torch.cuda.max_memory_allocated,
+also never reset). Each prints one JSON line: regions/s, step_s (median), achieved TFLOP/s by
 dynrefer_jax/flops.py (the anchor's count: 1.99 TFLOP per training region at full size; caption:
 the forward parts + T5 encoder + per beam and token the decoder), peak_bytes
 (device.memory_stats()['peak_bytes_in_use'], null where the backend has none), compile_s (trace +
@@ -60,7 +66,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-MODES = ("vit_forward", "train", "caption")
+MODES = ("vit_forward", "train", "caption", "views")
 ANCHOR_CONTROL_LEN, ANCHOR_CAPTION_LEN = 8, 20   # bench/torch_anchor.py's ctrl and labels
 
 
@@ -255,6 +261,7 @@ class Bench:
   common: dict
   out_lines: list = dataclasses.field(default_factory=list)
   failed: bool = False
+  train_step_s: float | None = None   # the bf16 train line's median step, for `views`
 
   def emit(self, record: dict) -> None:
     line = json.dumps({**record, **self.common}, default=float)
@@ -380,6 +387,8 @@ def run_train(b: Bench, graphdef, *, fp8: bool = False, remat: str | None = None
 
   step_s, times = time_calls(run, b.args.steps, b.args.warmup)
   b.state.trainable = carry["trainable"]  # the old buffers were donated
+  if not fp8:
+    b.train_step_s = step_s
   per_region = flops.flops_per_region(b.config.model, num_tags=b.batch["tags"].shape[1])["total"]
   b.measured("train", step_s=step_s, times=times, compile_s=lower_s + compile_s,
              lower_s=lower_s, flops_per_region=per_region, fp8=fp8,
@@ -406,6 +415,53 @@ def run_caption(b: Bench, graphdef, *, fp8: bool = False) -> None:
              flops_per_region=caption_flops_per_region(m, num_beams=a.beams,
                                                        new_tokens=a.new_tokens),
              **{k: v for k, v in gen.items() if k != "length_penalty"})
+
+
+def views_fn(m, method: str):
+  """(image, image_hw, box, rng) → (pixels float[B, V, S, S, 3] in the model dtype, boxes in the
+  views): method "phash" = inference (the image prior picks the views), "train" = the train
+  step's draw (t=0, then distinct random candidates)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.views import select as views  # pylint: disable=import-outside-toplevel
+  dtype = jnp.dtype(m.get("dtype") or "float32")
+
+  def fn(image, image_hw, box, rng):
+    if method == "train":
+      ts = views.sample_train_ts(rng, box.shape[0], m.num_views)
+    else:
+      ts = views.select_ts(method, image, image_hw, box, num_views=m.num_views)
+    pixels, vboxes = views.build_views(image, image_hw, box, ts, m.vit.image_size)
+    return pixels.astype(dtype), vboxes
+  return fn
+
+
+def run_views(b: Bench, graphdef, *, fp8: bool = False) -> None:
+  """View selection + construction alone, and the train step's view construction alone; each
+  as a share of the bf16 train step measured before it (issue 11: ≤ 2%)."""
+  del graphdef  # views have no parameters
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
+  m, a = b.config.model, b.args
+  keys = ("image", "image_hw", "box")
+  batch_sh = train.batch_shardings({k: b.batch[k] for k in keys}, b.state.mesh, b.state.rules)
+  inputs = [jax.device_put(b.batch[k], batch_sh[k]) for k in keys]
+  replicated = jax.sharding.NamedSharding(b.state.mesh, jax.sharding.PartitionSpec())
+  rng = jax.device_put(jax.random.key(0), replicated)
+  timed = {}
+  for method in ("phash", "train"):
+    compiled, lower_s, compile_s = aot_compile(jax.jit(views_fn(m, method)), *inputs, rng)
+    step_s, times = time_calls(lambda c=compiled: c(*inputs, rng), a.steps, a.warmup)
+    timed[method] = (step_s, times, lower_s + compile_s, lower_s)
+  step_s, times, compile_s, lower_s = timed["phash"]
+  train_s = b.train_step_s
+  share = lambda t: None if not train_s else t / train_s
+  b.measured("views", step_s=step_s, times=times, compile_s=compile_s, lower_s=lower_s,
+             flops_per_region=None, fp8=fp8, selection="phash", num_views=int(m.num_views),
+             candidates=11, image_size=int(np.shape(b.batch["image"])[1]),
+             train_step_s=train_s, share_of_train_step=share(step_s),
+             train_views_s=timed["train"][0], train_views_share=share(timed["train"][0]),
+             train_views_compile_s=timed["train"][2])
 
 
 def model_graphdef(b: Bench, **model_overrides):
@@ -536,7 +592,7 @@ def main(argv=None) -> int:
       return None
 
   runners = {"vit_forward": run_vit_forward, "train": run_train_fitting,
-             "caption": run_caption}
+             "caption": run_caption, "views": run_views}
   base_fp8 = bool(config.model.get("vit_fp8", False))   # --set model.vit_fp8=true
   for mode in args.modes:
     attempt(mode, runners[mode], state.graphdef, fp8=base_fp8)
