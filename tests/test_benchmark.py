@@ -114,6 +114,9 @@ def test_toy_run_fp8_line_is_a_measurement(toy_run):
   assert len(trains) == 1 and trains[0]["status"] == "ok"
   forwards = [x for x in lines if x["mode"] == "vit_forward" and x.get("vit_fp8")]
   assert len(forwards) == 1 and forwards[0]["status"] == "ok"
+  captions = [x for x in lines if x["mode"] == "caption" and x.get("vit_fp8")]
+  assert len(captions) == 1 and captions[0]["status"] == "ok"
+  assert captions[0]["generated_tokens"] == 20
 
 
 def test_bad_mode_is_a_usage_error():
@@ -153,7 +156,9 @@ def _ours(fp8_status="ok"):
   if fp8_status == "ok":
     lines += [{"mode": "vit_fp8", "status": "ok", "rel_error_ln_vision": 0.004, **common},
               {"mode": "train", "status": "ok", "vit_fp8": True, "regions": 64,
-               "regions_per_s": 420.0, "flops_per_region": 1.99e12, **common}]
+               "regions_per_s": 420.0, "flops_per_region": 1.99e12, **common},
+              {"mode": "caption", "status": "ok", "vit_fp8": True, "regions": 64,
+               "regions_per_s": 250.0, **common}]
   else:
     lines += [{"mode": "vit_fp8", "status": "pending", "message": "fp8 ViT wiring pending: x",
                **common}]
@@ -178,6 +183,8 @@ def test_report_ratios_from_synthetic_lines(tmp_path):
   assert fig["train_fp8"]["value"] == pytest.approx(420.0 / 131.7) and fig["train_fp8"]["met"]
   assert fig["fp8_feature_rel_error"]["value"] == 0.004 and fig["fp8_feature_rel_error"]["met"]
   assert fig["caption"]["value"] == pytest.approx(300.0 / 69.0) and fig["caption"]["met"]
+  assert fig["caption_fp8"]["value"] == pytest.approx(250.0 / 69.0)
+  assert fig["caption_fp8"]["met"] is False                  # 3.62× < 4.0×
   assert fig["vit_tflops"]["value"] == pytest.approx(1.561 * 64 / 0.2 / 461.0)
   assert fig["peak_memory"]["value"] == pytest.approx(20.0 / 28.4) and fig["peak_memory"]["met"]
   assert fig["train_compile_s"]["value"] == 45.0 and fig["train_compile_s"]["met"]
@@ -206,5 +213,6 @@ def test_report_with_fp8_pending_and_another_card(tmp_path):
   for name in ("train_fp8", "fp8_feature_rel_error"):
     assert fig[name]["value"] is None and fig[name]["met"] is None
     assert "wiring pending" in fig[name]["note"]
+  assert fig["caption_fp8"]["value"] is None and fig["caption_fp8"]["met"] is None
   assert not result["context"]["same_device"]
   assert "not the same card" in bench_report.markdown(result)

@@ -37,8 +37,8 @@ the forward parts + T5 encoder + per beam and token the decoder), peak_bytes
 lower + XLA compile, ahead of time), the device kind, date and command. A first `setup` line has
 the build time and parameter counts. A mode that fails prints status "error" and the rest go on.
 
-`--vit-fp8 [RECIPE]` then repeats vit_forward and train with config.model.vit_fp8 = RECIPE
-(default True, i.e. "rowwise"; dynrefer_jax/models/fp8.py) and prints a `vit_fp8` line with the
+`--vit-fp8 [RECIPE]` then repeats vit_forward, train and caption with config.model.vit_fp8 =
+RECIPE (default True, i.e. "rowwise"; dynrefer_jax/models/fp8.py) and prints a `vit_fp8` line with the
 ViT features' relative error against the config's compute dtype (bf16 at full size, float32 for
 the toy) on the same images: Frobenius over all tokens of the tower output (`rel_error_vit`) and
 after ln_vision (`rel_error_ln_vision`), and the worst token after ln_vision. When that reference
@@ -600,6 +600,8 @@ def main(argv=None) -> int:
     graphdef = attempt("vit_fp8", run_fp8, recipe=args.vit_fp8)
     if graphdef is not None and "train" in args.modes:
       attempt("train", run_train_fitting, graphdef, fp8=True)
+    if graphdef is not None and "caption" in args.modes:
+      attempt("caption", run_caption, graphdef, fp8=True)
   return 1 if b.failed else 0
 
 
