@@ -19,7 +19,9 @@ def full_model() -> ml_collections.ConfigDict:
       ln_vision_eps=1e-5,
       num_query_tokens=32,
       vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
-               qkv_bias="qv", act="gelu", ln_eps=1e-6),
+               qkv_bias="qv", act="gelu", ln_eps=1e-6,
+               # "auto": cuDNN's fused attention on GPUs that take it (layers.dot_product_attention)
+               attention="auto"),
       roi=dict(output_size=16, sampling_ratio=2, aligned=False),
       aligner=dict(kind="dcnv4", groups=4),
       qformer=dict(num_layers=12, hidden=768, num_heads=12, mlp_dim=3072,
@@ -56,7 +58,8 @@ def toy_model(vocab_size: int = AUTO) -> ml_collections.ConfigDict:
   m.num_query_tokens = 8
   # Trained from scratch: 2-D sincos positions (EVA's 0.02 init leaves a bag of patches).
   m.vit = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,
-               qkv_bias="qv", act="gelu", ln_eps=1e-6, pos_init="sincos2d")
+               qkv_bias="qv", act="gelu", ln_eps=1e-6, pos_init="sincos2d",
+               attention="auto")
   m.roi = dict(output_size=4, sampling_ratio=2, aligned=False)
   # BERT's init std 0.02 suits width 768 (pretrained anyway); trained from scratch at width 32
   # it shrinks every residual branch ~10× per layer and the heads stall, so use width**-0.5.

@@ -17,7 +17,7 @@ import bench_report  # noqa: E402  pylint: disable=wrong-import-position
 # Small tables keep the toy compile short; the frozen tower lets --vit-fp8 reach its check.
 TOY = ["--config", "configs/synthetic.py:smoke", "--regions", "8", "--steps", "2", "--warmup", "1",
        "--num-tags", "32", "--num-templates", "8", "--num-attributes", "4", "--num-classes", "8",
-       "--set", "model.train_vision_encoder=False", "--vit-fp8"]
+       "--set", "model.train_vision_encoder=False", "--vit-fp8", "--compare-attention"]
 COMMON = ("config", "weights", "device_kind", "platform", "date", "command", "jax_version")
 MEASURED = ("regions", "steps", "step_s", "step_s_min", "step_s_max", "regions_per_s",
             "flops_per_region", "tflops_per_s", "compile_s", "lower_s")
@@ -67,7 +67,12 @@ def test_toy_run_prints_every_mode_with_finite_positive_figures(toy_run):
     assert r["regions_per_s"] == pytest.approx(8 / r["step_s"])
     assert r["tflops_per_s"] == pytest.approx(r["flops_per_region"] * 8 / r["step_s"] / 1e12)
     assert r["peak_bytes"] is None or r["peak_bytes"] > 0  # the CPU backend keeps no statistics
-  assert by_mode[("vit_forward", False)]["images"] == 8 * 3
+  vit = by_mode[("vit_forward", False)]
+  assert vit["images"] == 8 * 3 and vit["attention"] == "xla"  # "auto" on a CPU
+  # --compare-attention: the tower against itself with XLA's attention, timed, error exactly 0.
+  assert vit["attention_rel_error_vs_xla"] == 0.0
+  for key in ("xla_attention_step_s", "xla_attention_images_per_s", "xla_attention_compile_s"):
+    _positive(vit, key)
   assert math.isfinite(by_mode[("train", False)]["loss"])
   cap = by_mode[("caption", False)]
   assert (cap["num_beams"], cap["max_new_tokens"], cap["generated_tokens"]) == (2, 20, 20)

@@ -187,6 +187,11 @@ def roofline(o: dict, context: dict) -> str:
     else:
       text += " The ViT alone takes longer than the whole step per region: the two runs overlap " \
               "differently; compare them with a profile."
+  if vit and vit.get("xla_attention_images_per_s"):
+    text += (f" The ViT ran {vit.get('attention')} attention: {vit['images_per_s']:.0f} images/s, "
+             f"against {vit['xla_attention_images_per_s']:.0f} with XLA's attention "
+             f"(features {vit.get('attention_rel_error_vs_xla', float('nan')):.1e} apart, "
+             f"relative, after ln_vision).")
   views = o.get(("views", False))
   if views and views.get("train_views_s") is not None:
     text += (f" The step's own view construction (3 views cut and resized on the device) takes "

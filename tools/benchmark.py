@@ -11,7 +11,12 @@ with random weights, or a tools/convert_checkpoint.py output (`--weights` or con
 and times at `--regions` regions per step (median of `--steps` calls after `--warmup`, each
 waited for with jax.block_until_ready):
 
-- `vit_forward`: the vision tower alone on regions × views images of random pixels;
+- `vit_forward`: the vision tower alone on regions × views images of random pixels; `attention`
+  says which attention it ran (config.model.vit.attention, "auto" resolved: cuDNN's fused
+  attention on GPUs that take it). When that is cuDNN, the same tower with XLA's attention is
+  timed too (`xla_attention_*`) and the features' relative error between the two is given
+  (`attention_rel_error_vs_xla`, after ln_vision); `--compare-attention` does that whatever
+  the attention (against itself when it is XLA's: error 0, a check of the comparison);
 - `train`: `dynrefer_jax.train.jit_train_step` (the trainer's shardings, donation, remat, the
   frozen stacks held stacked as train.stack_frozen does) on a random batch (tools/memory_plan.py's
   batch, 20 caption and 8 control tokens as the anchor); when XLA's compiled plan exceeds the
@@ -333,11 +338,37 @@ def run_vit_forward(b: Bench, graphdef, *, fp8: bool = False):
   params, groups = b.state.held_params(), b.state.frozen_groups
   compiled, lower_s, compile_s = aot_compile(jax.jit(vit_fn(graphdef, groups)), params, images)
   step_s, times = time_calls(lambda: compiled(params, images), b.args.steps, b.args.warmup)
+  feats = compiled(params, images)
   per_region = flops.flops_per_region(m, num_tags=1)["vit"]
+  attention = resolved_attention(m)
+  extra = {"attention": attention}
+  if (attention == "cudnn" or b.args.compare_attention) and not fp8:
+    # The same tower with XLA's attention on the same images: its time, and how far cuDNN's
+    # fused attention moves the features (both bf16).
+    xla = model_graphdef(b, vit=dict(m.vit, attention="xla"))
+    compiled_xla, _, xla_compile_s = aot_compile(jax.jit(vit_fn(xla, groups)), params, images)
+    xla_s, _ = time_calls(lambda: compiled_xla(params, images), b.args.steps, b.args.warmup)
+    errors = relative_errors(graphdef, params, feats, compiled_xla(params, images), groups)
+    extra.update({"xla_attention_step_s": xla_s, "xla_attention_images_per_s": n / xla_s,
+                  "xla_attention_compile_s": xla_compile_s,
+                  "attention_rel_error_vs_xla": errors["rel_error_ln_vision"]})
   b.measured("vit_forward", step_s=step_s, times=times, compile_s=lower_s + compile_s,
              lower_s=lower_s, flops_per_region=per_region, fp8=fp8, images=n,
-             images_per_s=n / step_s)
-  return compiled(params, images), images
+             images_per_s=n / step_s, **extra)
+  return feats, images
+
+
+def resolved_attention(m) -> str:
+  """What the vision tower's attention runs as here: config.model.vit.attention, with "auto"
+  resolved as layers.dot_product_attention resolves it for the tower's unmasked attention."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.models import layers  # pylint: disable=import-outside-toplevel
+  attention = m.vit.get("attention", "auto")
+  if attention != "auto":
+    return attention
+  dtype = jnp.dtype(m.get("dtype") or "float32").name
+  head_dim = m.vit.width // m.vit.num_heads
+  return "cudnn" if layers.cudnn_attention_available(dtype, head_dim) else "xla"
 
 
 def run_train_fitting(b: Bench, graphdef, *, fp8: bool = False) -> None:
@@ -508,6 +539,9 @@ def parse_args(argv):
   p.add_argument("--vit-fp8", nargs="?", const=True, default=False, metavar="RECIPE",
                  help="also vit_forward and train with the fp8 ViT (RECIPE: a name of "
                  "dynrefer_jax/models/fp8.py RECIPES, default rowwise), and its feature error")
+  p.add_argument("--compare-attention", action="store_true",
+                 help="time the ViT with XLA's attention too, and the features' difference, "
+                 "even when the tower's attention is not cuDNN's (done then anyway)")
   p.add_argument("--beams", type=int, default=2)
   p.add_argument("--new-tokens", type=int, default=20)
   p.add_argument("--repetition-penalty", type=float, default=1.5)

@@ -44,16 +44,21 @@ class Attention(nnx.Module):
   qkv_bias: "qkv" (one bias per q, k, v: `qkv_bias[3, H, D]`), "qv" (EVA/BEiT: `q_bias[H, D]`
   and `v_bias[H, D]`, the k bias is identically zero and not a parameter) or "none".
   fp8: the fp8 recipe of the qkv and output matmuls (`fp8.RECIPES`; False = compute dtype).
+  attention: `layers.dot_product_attention`'s implementation ("auto", "xla" or "cudnn").
   """
 
   def __init__(self, width: int, num_heads: int, *, qkv_bias: str = "qkv", fp8=False,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               attention: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if attention not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of {layers.ATTENTION_IMPLEMENTATIONS}, got "
+                       f"{attention!r}")
     if width % num_heads:
       raise ValueError(f"width {width} not divisible by num_heads {num_heads}")
     if qkv_bias not in ("qkv", "qv", "none"):
       raise ValueError(f"qkv_bias must be 'qkv', 'qv' or 'none', got {qkv_bias!r}")
     head_dim = width // num_heads
     self.num_heads, self.head_dim, self.qkv_bias_mode = num_heads, head_dim, qkv_bias
+    self.attention = attention  # a plain str: static, one graphdef for all blocks
     self.dtype = dtype
     self.fp8 = fp8_lib.recipe(fp8)  # a plain str or None: static, one graphdef for all blocks
     # PyTorch nn.Linear default init; the tower is loaded from checkpoints in practice.
@@ -86,7 +91,7 @@ class Attention(nnx.Module):
     elif self.q_bias is not None:
       q = q + self.q_bias[...].astype(dtype)
       v = v + self.v_bias[...].astype(dtype)
-    out = layers.dot_product_attention(q, k, v, mask=mask)
+    out = layers.dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
     return fp8_lib.dense(out, self.out_kernel[...], self.out_bias[...], contract=2,
                          recipe=self.fp8, role="out", dtype=dtype)
 
@@ -118,11 +123,11 @@ class Block(nnx.Module):
   """Pre-LN residual block: x + attn(norm1(x)), then x + mlp(norm2(x)). Shared by the text tower."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, qkv_bias: str, act: str,
-               ln_eps: float, fp8=False, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               ln_eps: float, fp8=False, attention: str = "auto", dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.norm1 = layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
-    self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, fp8=fp8, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, fp8=fp8, attention=attention,
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm2 = layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
     self.mlp = Mlp(width, mlp_dim, act=act, fp8=fp8, dtype=dtype, param_dtype=param_dtype,
                    rngs=rngs)
@@ -225,14 +230,16 @@ class VisionTransformer(nnx.Module):
   `pos_embed[1 + (image_size/p)^2, C]`, optional `ln_pre`, `blocks/{i}/...`, optional `ln_post`.
   fp8: a frozen tower's fp8 recipe (`model.vit_fp8`: False, True or a `fp8.RECIPES` name) for the
   four matmuls of every block (qkv, attention output, fc1, fc2); the rest stays in `dtype`.
+  attention: "auto" (cuDNN's fused attention on GPUs that take it, else XLA's), "xla" or "cudnn"
+  (`layers.dot_product_attention`).
   """
 
   def __init__(self, *, image_size: int = 224, patch_size: int = 14, width: int = 1408,
                depth: int = 39, num_heads: int = 16, mlp_dim: int = 6144, qkv_bias: str = "qv",
                act: str = "gelu", ln_eps: float = 1e-6, pre_norm: bool = False,
                post_norm: bool = False, patch_bias: bool = True, pos_init: str = "normal",
-               scan_layers: bool = False, fp8=False, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               scan_layers: bool = False, fp8=False, attention: str = "auto", dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} not divisible by patch_size {patch_size}")
     self.patch_size, self.width, self.dtype = patch_size, width, dtype
@@ -257,7 +264,8 @@ class VisionTransformer(nnx.Module):
                    if pre_norm else None)
     self.blocks = nnx.List([
         Block(width, num_heads, mlp_dim, qkv_bias=qkv_bias, act=act, ln_eps=ln_eps, fp8=fp8,
-              dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(depth)])
+              attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(depth)])
     self.ln_post = (layers.LayerNorm(width, eps=ln_eps, param_dtype=param_dtype, rngs=rngs)
                     if post_norm else None)
 

@@ -124,15 +124,55 @@ ACTIVATIONS = {
 }
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def cudnn_attention_available(dtype_name: str, head_dim: int) -> bool:
+  """Whether cuDNN's fused (flash) attention compiles on the default device for this dtype and
+  head dim: a GPU, bf16/fp16, and a cuDNN that takes the shape. Probed once per (dtype, head
+  dim) by compiling a tiny instance, so "auto" never hands XLA a call it cannot build."""
+  if jax.devices()[0].platform != "gpu" or dtype_name not in ("bfloat16", "float16"):
+    return False
+  x = jax.ShapeDtypeStruct((1, 16, 1, head_dim), jnp.dtype(dtype_name))
+  try:
+    jax.jit(lambda q, k, v: jax_attention(q, k, v, implementation="cudnn")).lower(
+        x, x, x).compile()
+  except Exception:  # pylint: disable=broad-except  (NotImplementedError, XlaRuntimeError, ...)
+    return False
+  return True
+
+
+def jax_attention(q, k, v, mask=None, bias=None, scale=None, *, implementation: str):
+  """jax.nn.dot_product_attention on dot_product_attention's arguments (same [B, L, H, D]
+  layout, mask True = attend, additive bias, scale default D^-0.5)."""
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                      implementation=implementation)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None, bias: jax.Array | None = None,
-                          scale: float | None = None) -> jax.Array:
+                          scale: float | None = None, implementation: str = "xla") -> jax.Array:
   """Softmax attention.
 
   q: float[B, Lq, H, D]; k, v: float[B, Lk, H, D];
   mask: bool broadcastable to [B, H, Lq, Lk] (True = attend); bias: float, same broadcast.
-  Returns float[B, Lq, H, D]. Softmax in float32.
+  implementation: "xla" (the einsum form below: softmax in float32, logits materialised),
+  "cudnn" (cuDNN's fused flash attention through jax.nn.dot_product_attention: GPUs, bf16/fp16,
+  D ≤ 128, or 256 on Hopper, and a multiple of 8), or "auto" (cuDNN where
+  cudnn_attention_available and there is no mask or bias, else "xla"; only the vision tower's
+  unmasked attention qualifies, and on a CPU or TPU "auto" is "xla").
+  Returns float[B, Lq, H, D].
   """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}: one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+  if implementation == "auto":
+    plain = mask is None and bias is None
+    implementation = ("cudnn" if plain and cudnn_attention_available(jnp.dtype(q.dtype).name,
+                                                                     q.shape[-1]) else "xla")
+  if implementation == "cudnn":
+    return jax_attention(q, k, v, mask, bias, scale, implementation="cudnn")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
   if bias is not None:
