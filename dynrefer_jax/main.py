@@ -40,17 +40,16 @@ def restore_params(config, workdir: str, data, step: int | None = None, state=No
     state = train_lib.build_model(config, train_lib.text_token_ids_from(data), mesh)
     if config.model.get("scan_layers", False):
       train_lib.stack_frozen(state)  # the predictor slices the stacks: no copy per call
-  abstract = {"trainable": ckpt_lib.abstract_with_shardings(state.trainable,
-                                                            state.trainable_shardings)}
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  step = ck.latest_step() if step is None else step
+  abstract = ckpt_lib.abstract_with_shardings(state.trainable, state.trainable_shardings)
+  directory = os.path.join(workdir, "checkpoints")
+  if step is None:
+    ck = ckpt_lib.Checkpointer(directory, async_save=False)
+    step = ck.latest_step()
+    ck.close()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  restored = ck.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(abstract, partial_restore=True)))
-  ck.close()
-  state.trainable = restored["state"]["trainable"]
+  # Onto the state's shardings with explicit restore args (any saved device count).
+  state.trainable = ckpt_lib.restore_item(directory, "trainable", abstract, step)
   return state, step
 
 
