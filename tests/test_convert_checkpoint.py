@@ -32,6 +32,8 @@ from transformers import (Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConf
 from dynrefer_jax import config_lib, functional
 from dynrefer_jax import predict as predict_lib
 
+from torch_references import EvaText, lavis_vit_block
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Toy sizes, all different so that a transposed or swapped tensor cannot fit.
 C, VIT_MLP, PATCH, SIZE = 16, 24, 7, 28          # ViT width, grid 4x4
@@ -154,46 +156,6 @@ class Head(torch.nn.Module):
     return sd
 
 
-class EvaBlock(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.ln_1 = torch.nn.LayerNorm(TW, eps=1e-5)
-    self.attn = torch.nn.MultiheadAttention(TW, T_HEADS)
-    self.ln_2 = torch.nn.LayerNorm(TW, eps=1e-5)
-    self.mlp = torch.nn.Sequential()
-    self.mlp.add_module("c_fc", torch.nn.Linear(TW, T_MLP))
-    self.mlp.add_module("gelu", torch.nn.GELU())
-    self.mlp.add_module("c_proj", torch.nn.Linear(T_MLP, TW))
-
-  def forward(self, x, mask):
-    h = self.ln_1(x)
-    x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-    return x + self.mlp(self.ln_2(x))
-
-
-class EvaText(torch.nn.Module):
-  """EVA-CLIP TextTransformer (CHECKPOINTS §4): argmax-EOT pooling, x @ text_projection."""
-
-  def __init__(self):
-    super().__init__()
-    self.token_embedding = torch.nn.Embedding(49408, TW)
-    self.positional_embedding = torch.nn.Parameter(torch.zeros(CTX, TW))
-    self.transformer = _Holder()
-    self.transformer.resblocks = torch.nn.ModuleList([EvaBlock()])
-    self.ln_final = torch.nn.LayerNorm(TW, eps=1e-5)
-    self.text_projection = torch.nn.Parameter(torch.zeros(TW, T_OUT))
-
-  def forward(self, ids):
-    n, length = ids.shape
-    x = self.token_embedding(ids) + self.positional_embedding[:length]
-    mask = torch.full((length, length), float("-inf")).triu(1)
-    x = x.permute(1, 0, 2)
-    for block in self.transformer.resblocks:
-      x = block(x, mask)
-    x = self.ln_final(x.permute(1, 0, 2))
-    return x[torch.arange(n), ids.argmax(-1)] @ self.text_projection
-
-
 def torch_dcn(p, x, ref):
   """DCNv4 alignment, SPEC §4 steps 1-5, written with grid_sample. x, ref: [M, h, w, C]."""
   m, h, w, c = x.shape
@@ -251,15 +213,7 @@ def _lavis_vit(model):
          "patch_embed.proj.bias": sd["embeddings.patch_embedding.bias"],
          # EVA-CLIP-g's final norm / head, which LAVIS's depth-39 tower ignores.
          "norm.weight": np.ones(C, np.float32), "norm.bias": np.zeros(C, np.float32)}
-  hf, lv = "encoder.layers.0.", "blocks.0."
-  for part in ("weight", "bias"):
-    for a, b in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"),
-                 ("self_attn.projection", "attn.proj"), ("mlp.fc1", "mlp.fc1"),
-                 ("mlp.fc2", "mlp.fc2")):
-      out[lv + f"{b}.{part}"] = sd[hf + f"{a}.{part}"]
-  out[lv + "attn.qkv.weight"] = sd[hf + "self_attn.qkv.weight"]
-  qkv_bias = sd[hf + "self_attn.qkv.bias"]
-  out[lv + "attn.q_bias"], out[lv + "attn.v_bias"] = qkv_bias[:C], qkv_bias[2 * C:]
+  out.update(lavis_vit_block(sd, 0, C))
   return out
 
 
@@ -304,7 +258,8 @@ def world(tmp_path_factory):
   _randomize(tag, gen)
   _randomize(attr, gen)
   ref["tag"], ref["attr"] = tag, attr
-  text = EvaText()
+  text = EvaText(vocab=49408, context=CTX, width=TW, heads=T_HEADS, mlp=T_MLP, depth=1,
+                 out=T_OUT)
   _randomize(text, gen)
   ref["text"] = text
   t5 = _t5(gen)

@@ -20,6 +20,8 @@ from dynrefer_jax.convert.text_tower import convert_eva_clip_text, convert_hf_cl
 from dynrefer_jax.models.eva_vit import VisionTransformer
 from dynrefer_jax.models.text_tower import TextTransformer
 
+from torch_references import lavis_vit_block
+
 W, HEADS, MLP, PATCH, SIZE, DEPTH = 16, 2, 24, 7, 28, 1
 
 
@@ -58,15 +60,7 @@ def hf_blip2_to_lavis(sd):
          "patch_embed.proj.weight": sd["embeddings.patch_embedding.weight"],
          "patch_embed.proj.bias": sd["embeddings.patch_embedding.bias"]}
   for i in range(DEPTH):
-    hf, lv = f"encoder.layers.{i}.", f"blocks.{i}."
-    for part in ("weight", "bias"):
-      for a, b in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"),
-                   ("self_attn.projection", "attn.proj"), ("mlp.fc1", "mlp.fc1"),
-                   ("mlp.fc2", "mlp.fc2")):
-        out[lv + f"{b}.{part}"] = sd[hf + f"{a}.{part}"]
-    out[lv + "attn.qkv.weight"] = sd[hf + "self_attn.qkv.weight"]
-    qkv_bias = sd[hf + "self_attn.qkv.bias"]
-    out[lv + "attn.q_bias"], out[lv + "attn.v_bias"] = qkv_bias[:W], qkv_bias[2 * W:]
+    out.update(lavis_vit_block(sd, i, W))
   extra = {k.replace(f"blocks.{DEPTH - 1}.", f"blocks.{DEPTH}."): v
            for k, v in out.items() if k.startswith(f"blocks.{DEPTH - 1}.")}
   extra.update({"norm.weight": np.ones(W, np.float32), "norm.bias": np.zeros(W, np.float32),

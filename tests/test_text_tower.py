@@ -18,6 +18,8 @@ from dynrefer_jax.convert.common import expected_shapes
 from dynrefer_jax.convert.text_tower import convert_eva_clip_text, convert_hf_clip_text
 from dynrefer_jax.models.text_tower import TextTransformer
 
+from torch_references import EvaText
+
 TOL = 1e-5
 VOCAB, CTX, W, HEADS, MLP, DEPTH, OUT = 64, 12, 32, 4, 48, 2, 24
 EOT = 63  # the largest id, as CLIP's 49407
@@ -146,54 +148,14 @@ def test_full_size_eva_clip_text_shapes():
   assert out.shape == (3, 1024)
 
 
-class _EvaBlock(torch.nn.Module):
-  """OpenCLIP/EVA-CLIP ResidualAttentionBlock as CHECKPOINTS.md §4 describes it (ln_1, attn =
-  nn.MultiheadAttention, ln_2, mlp.c_fc / GELU / mlp.c_proj), written here as the reference."""
-
-  def __init__(self):
-    super().__init__()
-    self.ln_1 = torch.nn.LayerNorm(W, eps=1e-5)
-    self.attn = torch.nn.MultiheadAttention(W, HEADS)
-    self.ln_2 = torch.nn.LayerNorm(W, eps=1e-5)
-    self.mlp = torch.nn.Sequential()
-    self.mlp.add_module("c_fc", torch.nn.Linear(W, MLP))
-    self.mlp.add_module("gelu", torch.nn.GELU())
-    self.mlp.add_module("c_proj", torch.nn.Linear(MLP, W))
-
-  def forward(self, x, mask):  # x: [L, N, W] (nn.MultiheadAttention's sequence-first layout)
-    h = self.ln_1(x)
-    x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-    return x + self.mlp(self.ln_2(x))
-
-
-class _EvaText(torch.nn.Module):
-  """EVA-CLIP TextTransformer: argmax-EOT pooling, x @ text_projection, no normalisation."""
-
-  def __init__(self):
-    super().__init__()
-    self.token_embedding = torch.nn.Embedding(VOCAB, W)
-    self.positional_embedding = torch.nn.Parameter(torch.randn(CTX, W) * 0.3)
-    self.transformer = torch.nn.Module()
-    self.transformer.resblocks = torch.nn.ModuleList([_EvaBlock() for _ in range(DEPTH)])
-    self.ln_final = torch.nn.LayerNorm(W, eps=1e-5)
-    self.text_projection = torch.nn.Parameter(torch.randn(W, OUT) * W ** -0.5)
-
-  def forward(self, ids):
-    n, length = ids.shape
-    x = self.token_embedding(ids) + self.positional_embedding[:length]
-    mask = torch.full((length, length), float("-inf")).triu(1)
-    x = x.permute(1, 0, 2)
-    for block in self.transformer.resblocks:
-      x = block(x, mask)
-    x = self.ln_final(x.permute(1, 0, 2))
-    return x[torch.arange(n), ids.argmax(-1)] @ self.text_projection
-
-
 def test_eva_clip_text_matches_torch_reference():
   """The EVA-CLIP module's own state_dict names (prefixed `text.`) through convert_eva_clip_text."""
   torch.manual_seed(7)
-  ref_model = _EvaText().eval()
+  ref_model = EvaText(vocab=VOCAB, context=CTX, width=W, heads=HEADS, mlp=MLP, depth=DEPTH,
+                      out=OUT).eval()
   with torch.no_grad():
+    ref_model.positional_embedding.copy_(torch.randn(CTX, W) * 0.3)
+    ref_model.text_projection.copy_(torch.randn(W, OUT) * W ** -0.5)
     for name, p in ref_model.named_parameters():
       if p.ndim == 1:  # non-trivial LayerNorm and bias values
         p.copy_(torch.randn(p.shape) * 0.5 + (1.0 if name.endswith("ln_1.weight") else 0.0))

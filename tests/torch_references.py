@@ -1,0 +1,68 @@
+"""PyTorch reference modules and key layouts shared by several tests, written from
+CHECKPOINTS.md (not from our code): the EVA-CLIP / OpenCLIP text tower, and the LAVIS key names
+of an EVA ViT block built from transformers' Blip2VisionModel state_dict."""
+
+import numpy as np
+import torch
+
+
+class EvaTextBlock(torch.nn.Module):
+  """OpenCLIP/EVA-CLIP ResidualAttentionBlock as CHECKPOINTS.md §4 describes it (ln_1, attn =
+  nn.MultiheadAttention, ln_2, mlp.c_fc / GELU / mlp.c_proj)."""
+
+  def __init__(self, width: int, heads: int, mlp: int):
+    super().__init__()
+    self.ln_1 = torch.nn.LayerNorm(width, eps=1e-5)
+    self.attn = torch.nn.MultiheadAttention(width, heads)
+    self.ln_2 = torch.nn.LayerNorm(width, eps=1e-5)
+    self.mlp = torch.nn.Sequential()
+    self.mlp.add_module("c_fc", torch.nn.Linear(width, mlp))
+    self.mlp.add_module("gelu", torch.nn.GELU())
+    self.mlp.add_module("c_proj", torch.nn.Linear(mlp, width))
+
+  def forward(self, x, mask):  # x: [L, N, W] (nn.MultiheadAttention's sequence-first layout)
+    h = self.ln_1(x)
+    x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+    return x + self.mlp(self.ln_2(x))
+
+
+class EvaText(torch.nn.Module):
+  """EVA-CLIP TextTransformer (CHECKPOINTS.md §4): causal blocks, ln_final, argmax-EOT pooling,
+  x @ text_projection, no normalisation. Positions and projection start at zero: set them."""
+
+  def __init__(self, *, vocab: int, context: int, width: int, heads: int, mlp: int, depth: int,
+               out: int):
+    super().__init__()
+    self.token_embedding = torch.nn.Embedding(vocab, width)
+    self.positional_embedding = torch.nn.Parameter(torch.zeros(context, width))
+    self.transformer = torch.nn.Module()
+    self.transformer.resblocks = torch.nn.ModuleList(
+        [EvaTextBlock(width, heads, mlp) for _ in range(depth)])
+    self.ln_final = torch.nn.LayerNorm(width, eps=1e-5)
+    self.text_projection = torch.nn.Parameter(torch.zeros(width, out))
+
+  def forward(self, ids):
+    n, length = ids.shape
+    x = self.token_embedding(ids) + self.positional_embedding[:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    x = x.permute(1, 0, 2)
+    for block in self.transformer.resblocks:
+      x = block(x, mask)
+    x = self.ln_final(x.permute(1, 0, 2))
+    return x[torch.arange(n), ids.argmax(-1)] @ self.text_projection
+
+
+def lavis_vit_block(sd: dict, i: int, width: int) -> dict:
+  """Block i of a Blip2VisionModel state_dict (numpy) under LAVIS's names (`blocks.{i}.`): the
+  fused qkv weight, and the q and v biases (EVA has no k bias)."""
+  hf, lv = f"encoder.layers.{i}.", f"blocks.{i}."
+  out = {}
+  for part in ("weight", "bias"):
+    for a, b in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"),
+                 ("self_attn.projection", "attn.proj"), ("mlp.fc1", "mlp.fc1"),
+                 ("mlp.fc2", "mlp.fc2")):
+      out[lv + f"{b}.{part}"] = sd[hf + f"{a}.{part}"]
+  out[lv + "attn.qkv.weight"] = sd[hf + "self_attn.qkv.weight"]
+  qkv_bias = np.asarray(sd[hf + "self_attn.qkv.bias"])
+  out[lv + "attn.q_bias"], out[lv + "attn.v_bias"] = qkv_bias[:width], qkv_bias[2 * width:]
+  return out
