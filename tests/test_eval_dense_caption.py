@@ -145,6 +145,7 @@ def test_evaluator_gt_boxes_real_meteor_one_java_process(monkeypatch):
     original_init(self, *a, **k)
 
   monkeypatch.setattr(Meteor, "__init__", counting_init)
+  common.close_shared_meteor()  # start from no METEOR process, whatever ran before
 
   # Ground-truth-box setting: each row is a GT region and its prediction on that box.
   batches = [
@@ -175,6 +176,9 @@ def test_evaluator_gt_boxes_real_meteor_one_java_process(monkeypatch):
   ev = dense_caption.DenseCaptionEvaluator(predict_fn, batches, meteor_fn=recording_meteor)
   out = dict(ev.run(params=None))
   assert len(started) == 1  # one Java process for all pairs
+  # A second evaluation in this process reuses it (each start loads a 2 GB paraphrase table).
+  assert dict(dense_caption.DenseCaptionEvaluator(predict_fn, batches).run(params=None)) == out
+  assert len(started) == 1
   # METEOR 1.5 of a caption identical to a reference is 1, of one sharing no word is 0.
   assert sorted(seen) == [(("a red car", ["a red car", "the red auto"]), 1.0),
                           (("a small dog", ["a small dog"]), 1.0),

@@ -29,8 +29,11 @@ the rows with mask True, and the per-process row lists are all-gathered as pickl
 the other processes yield nothing. In a single process nothing is gathered.
 """
 
+import atexit
 from collections.abc import Callable, Iterable, Iterator
+import contextlib
 import pickle
+import threading
 from typing import Any
 
 import numpy as np
@@ -172,12 +175,47 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def meteor_scores(pairs: list[tuple[str, list[str]]]) -> list[float]:
-  """METEOR 1.5 of each (candidate, references) pair, all in one Java process.
+_METEOR: dict[str, Any] = {"scorer": None}
+_METEOR_LOCK = threading.Lock()
 
-  pycocoevalcap's `Meteor` starts one `java -jar meteor-1.5.jar -stdio` subprocess; one
+
+@contextlib.contextmanager
+def shared_meteor():
+  """The process's one pycocoevalcap `Meteor` (`java -jar meteor-1.5.jar -stdio`), started on
+  first use and stopped at exit: each start costs seconds (the JVM and a 2 GB paraphrase table),
+  and an evaluation scores METEOR several times (region and dense captioning, their baselines,
+  every checkpoint). Each request line is scored on its own, so calls do not affect each other.
+  One caller at a time; a scorer whose call failed, or whose process died, is replaced."""
+  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
+  with _METEOR_LOCK:
+    scorer = _METEOR["scorer"]
+    if scorer is None or scorer.meteor_p.poll() is not None:
+      scorer = _METEOR["scorer"] = Meteor()
+    try:
+      yield scorer
+    except BaseException:
+      _METEOR["scorer"] = None   # its pipes may hold half an exchange
+      _close_meteor(scorer)
+      raise
+
+
+def close_shared_meteor() -> None:
+  """Stops the shared METEOR process (a later shared_meteor() starts a new one)."""
+  with _METEOR_LOCK:
+    scorer, _METEOR["scorer"] = _METEOR["scorer"], None
+    if scorer is not None:
+      _close_meteor(scorer)
+
+
+atexit.register(close_shared_meteor)
+
+
+def meteor_scores(pairs: list[tuple[str, list[str]]]) -> list[float]:
+  """METEOR 1.5 of each (candidate, references) pair, through the shared Java process.
+
+  pycocoevalcap's `Meteor` runs one `java -jar meteor-1.5.jar -stdio` subprocess; one
   `compute_score` call streams every pair through it (keyed by pair index), so the JVM start
-  and the paraphrase-table load are paid once, not per pair.
+  and the paraphrase-table load are paid once per process (shared_meteor), not per pair.
 
   Args:
     pairs: (candidate, non-empty list of references). Newlines are replaced by spaces: the
@@ -188,7 +226,6 @@ def meteor_scores(pairs: list[tuple[str, list[str]]]) -> list[float]:
   """
   if not pairs:
     return []
-  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
   clean = lambda s: " ".join(s.replace("|||", " ").split())
   res, gts = {}, {}
   for i, (cand, refs) in enumerate(pairs):
@@ -196,11 +233,8 @@ def meteor_scores(pairs: list[tuple[str, list[str]]]) -> list[float]:
       raise ValueError(f"pair {i} has no references")
     res[i] = [clean(cand)]
     gts[i] = [clean(r) for r in refs]
-  scorer = Meteor()
-  try:
+  with shared_meteor() as scorer:
     _, scores = scorer.compute_score(gts, res)
-  finally:
-    _close_meteor(scorer)
   return [float(s) for s in scores]
 
 

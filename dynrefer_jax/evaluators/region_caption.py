@@ -20,8 +20,8 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable
   Args:
     gts: id -> reference captions (raw text; tokenized here).
     res: id -> generated caption (raw text). Must have the same ids as `gts`.
-    meteor: an open pycocoevalcap `Meteor` to reuse (its JVM start and paraphrase-table load
-      take seconds); by default one is started here and stopped afterwards.
+    meteor: an open pycocoevalcap `Meteor` to use; by default the process's shared one
+      (common.shared_meteor: its JVM start and paraphrase-table load take seconds).
 
   Returns:
     {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}, corpus-level scores x100.
@@ -29,7 +29,6 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable
   # pylint: disable=g-import-not-at-top
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
-  from pycocoevalcap.meteor.meteor import Meteor
   from pycocoevalcap.rouge.rouge import Rouge
   from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
   # pylint: enable=g-import-not-at-top
@@ -46,12 +45,11 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable
   res_tok = tokenizer.tokenize({k: [{"caption": v}] for k, v in res.items()})
 
   bleu, _ = Bleu(4).compute_score(gts_tok, res_tok)
-  scorer = Meteor() if meteor is None else meteor
-  try:
-    meteor_score, _ = scorer.compute_score(gts_tok, res_tok)
-  finally:
-    if meteor is None:
-      common._close_meteor(scorer)  # pylint: disable=protected-access
+  if meteor is None:
+    with common.shared_meteor() as scorer:
+      meteor_score, _ = scorer.compute_score(gts_tok, res_tok)
+  else:
+    meteor_score, _ = meteor.compute_score(gts_tok, res_tok)
   rouge, _ = Rouge().compute_score(gts_tok, res_tok)
   cider, _ = Cider().compute_score(gts_tok, res_tok)
   return {"BLEU-4": 100 * bleu[3], "METEOR": 100 * meteor_score, "ROUGE-L": 100 * rouge,
