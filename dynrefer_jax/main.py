@@ -269,7 +269,16 @@ def _plot_losses(workdir: str) -> None:
 
 
 def run_one(config, workdir: str, *, over_training: bool = True) -> tuple[dict, dict, list]:
-  """data → train → (metrics over training) → evaluation, in one workdir."""
+  """data → train → (metrics over training) → evaluation, in one workdir. The METEOR process
+  the evaluations share is stopped at the end (it holds ~2 GB while the next variant trains)."""
+  try:
+    return _run_one(config, workdir, over_training=over_training)
+  finally:
+    from dynrefer_jax.evaluators import common  # pylint: disable=import-outside-toplevel
+    common.close_shared_meteor()
+
+
+def _run_one(config, workdir: str, *, over_training: bool) -> tuple[dict, dict, list]:
   t0 = time.time()
   print(f"[main] workdir {workdir}", flush=True)
   data = data_setup.prepare(config, workdir)
