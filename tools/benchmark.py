@@ -43,8 +43,8 @@ lower + XLA compile, ahead of time), the device kind, date and command. A first 
 the build time and parameter counts. A mode that fails prints status "error" and the rest go on.
 
 `--vit-fp8 [RECIPE]` then repeats vit_forward, train and caption with config.model.vit_fp8 =
-RECIPE (default True, i.e. "rowwise"; dynrefer_jax/models/fp8.py) and prints a `vit_fp8` line with the
-ViT features' relative error against the config's compute dtype (bf16 at full size, float32 for
+RECIPE (default True, i.e. "rowwise"; dynrefer_jax/models/fp8.py) and prints a `vit_fp8` line
+with the ViT features' relative error against the config's compute dtype (bf16 at full size, float32 for
 the toy) on the same images: Frobenius over all tokens of the tower output (`rel_error_vit`) and
 after ln_vision (`rel_error_ln_vision`), and the worst token after ln_vision. When that reference
 is not float32, an untimed float32 forward adds both towers' errors against float32 (`*_vs_f32`,
