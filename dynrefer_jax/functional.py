@@ -148,6 +148,23 @@ def unstack_layers(tree: dict, groups) -> dict:
   return unflatten(out)
 
 
+def stack_held(tree: dict, shardings, *, donate: bool = False) -> tuple[dict, Any, tuple]:
+  """(tree, shardings, groups) with every uniform stack of `tree` (layer_groups) held stacked.
+  Arrays are stacked in one jitted call onto the stacked shardings (`donate`: the per-layer
+  arrays are donated); a tree of ShapeDtypeStructs (an abstract state) gets stacked abstract
+  leaves. With no stack: the arguments unchanged and groups ()."""
+  groups = layer_groups(tree)
+  if not groups:
+    return tree, shardings, ()
+  stacked_shardings = stack_layers(shardings, groups, leaf_fn=stacked_sharding)
+  leaves = jax.tree.leaves(tree)
+  if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
+    return stack_layers(tree, groups, leaf_fn=stacked_abstract), stacked_shardings, groups
+  stack = jax.jit(lambda t: stack_layers(t, groups), out_shardings=stacked_shardings,
+                  donate_argnums=0 if donate else ())
+  return stack(tree), stacked_shardings, groups
+
+
 def stacked_sharding(shardings: list) -> jax.sharding.NamedSharding:
   """stack_layers' leaf_fn for shardings: layer 0's, with the new layer axis unsharded."""
   first = shardings[0]

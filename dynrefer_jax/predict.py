@@ -321,14 +321,11 @@ def hold_stacked(config, params: dict) -> tuple[dict, tuple]:
   full size). Without scan_layers, or with no stack: (params, ())."""
   import jax  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
-  groups = functional.layer_groups(params) if config.model.get("scan_layers", False) else ()
-  if not groups:
+  if not config.model.get("scan_layers", False):
     return params, ()
-  shardings = functional.stack_layers(jax.tree.map(lambda x: x.sharding, params), groups,
-                                      leaf_fn=functional.stacked_sharding)
   # No donation: a per-layer array cannot alias its stack, so XLA could not reuse it anyway.
-  stack = jax.jit(lambda p: functional.stack_layers(p, groups), out_shardings=shardings)
-  return stack(params), groups
+  params, _, groups = functional.stack_held(params, jax.tree.map(lambda x: x.sharding, params))
+  return params, groups
 
 
 # --------------------------------------------------------------------------------- runner

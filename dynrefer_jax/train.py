@@ -137,19 +137,10 @@ def stack_frozen(state: ModelState) -> None:
   stacked shardings, the per-layer arrays donated) and on abstract states (memory plans).
   A no-op when nothing is stackable or already stacked. Meant for config.model.scan_layers
   (unrolled layers gain nothing from it)."""
-  groups = functional.layer_groups(state.frozen)
-  if state.frozen_groups or not groups:
+  if state.frozen_groups:
     return
-  shardings = functional.stack_layers(state.frozen_shardings, groups,
-                                      leaf_fn=functional.stacked_sharding)
-  leaves = jax.tree.leaves(state.frozen)
-  if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
-    state.frozen = functional.stack_layers(state.frozen, groups,
-                                           leaf_fn=functional.stacked_abstract)
-  else:
-    state.frozen = jax.jit(lambda f: functional.stack_layers(f, groups),
-                           out_shardings=shardings, donate_argnums=0)(state.frozen)
-  state.frozen_shardings, state.frozen_groups = shardings, groups
+  state.frozen, state.frozen_shardings, state.frozen_groups = functional.stack_held(
+      state.frozen, state.frozen_shardings, donate=True)
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings,
