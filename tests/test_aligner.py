@@ -20,6 +20,8 @@ from dynrefer_jax import functional
 from dynrefer_jax.models.aligner import DeformableAligner, OffsetAligner, build_aligner
 from dynrefer_jax.models.fusion import FusionMLP
 
+import torch_references
+
 M, H, W, C, G = 3, 5, 6, 32, 4
 
 
@@ -54,37 +56,9 @@ def _to_ours(tp):
                              "bias": jnp.asarray(t["offset_mask_dw.bias"])}}
 
 
-def _grid_sample_pixels(img, rows, cols):
-  """Bilinear, zero padding, pixel i at coordinate i. img [M, c, H, W]; rows/cols [M, H, W]."""
-  h, w = img.shape[-2:]
-  grid = torch.stack([(cols + 0.5) / w * 2 - 1, (rows + 0.5) / h * 2 - 1], dim=-1)
-  return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
 def torch_dcn(tp, x, ref):
-  """SPEC §4 steps 1-5. x, ref: torch [M, H, W, C] → [M, H, W, C]."""
-  m, h, w, c = x.shape
-  value = F.linear(x, tp["value_proj.weight"], tp["value_proj.bias"]).permute(0, 3, 1, 2)
-  cat = torch.cat([x, ref], dim=-1).permute(0, 3, 1, 2)
-  feat = F.conv2d(cat, tp["offset_mask_dw.weight"], tp["offset_mask_dw.bias"], padding=1,
-                  groups=c).permute(0, 2, 3, 1)
-  om = F.linear(feat, tp["offset_mask.weight"], tp["offset_mask.bias"])
-  hh, ww = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype),
-                          indexing="ij")
-  cg = c // G
-  outs = []
-  for g in range(G):
-    base = g * 27
-    acc = 0
-    for i in range(3):
-      for j in range(3):
-        p = i * 3 + j
-        dx, dy, mod = om[..., base + 2 * p], om[..., base + 2 * p + 1], om[..., base + 18 + p]
-        s = _grid_sample_pixels(value[:, g * cg:(g + 1) * cg], hh - 1 + j + dy, ww - 1 + i + dx)
-        acc = acc + s * mod[:, None]
-    outs.append(acc)
-  sampled = torch.cat(outs, dim=1).permute(0, 2, 3, 1)
-  return F.linear(sampled, tp["output_proj.weight"], tp["output_proj.bias"]), om
+  """SPEC §4 steps 1-5. x, ref: torch [M, H, W, C] → ([M, H, W, C], offsets/modulations)."""
+  return torch_references.deformable_align(tp, x, ref, G)
 
 
 def _build_dcn(tp):
@@ -152,7 +126,7 @@ def torch_offset_aligner(w, b, x, ref):
   h, wd = x.shape[1:3]
   hh, ww = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(wd, dtype=x.dtype),
                           indexing="ij")
-  out = _grid_sample_pixels(x.permute(0, 3, 1, 2), hh + off[:, 1], ww + off[:, 0])
+  out = torch_references.grid_sample_pixels(x.permute(0, 3, 1, 2), hh + off[:, 1], ww + off[:, 0])
   return out.permute(0, 2, 3, 1)
 
 

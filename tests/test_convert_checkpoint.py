@@ -32,6 +32,7 @@ from transformers import (Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConf
 from dynrefer_jax import config_lib, functional
 from dynrefer_jax import predict as predict_lib
 
+import torch_references
 from torch_references import EvaText, lavis_vit_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,34 +155,6 @@ class Head(torch.nn.Module):
     for part in ("vision_proj", "text_proj", "fc"):
       sd.update(_np(getattr(self, part).state_dict(), f"{name}_{part}."))
     return sd
-
-
-def torch_dcn(p, x, ref):
-  """DCNv4 alignment, SPEC §4 steps 1-5, written with grid_sample. x, ref: [M, h, w, C]."""
-  m, h, w, c = x.shape
-  value = F.linear(x, p["value_proj.weight"], p["value_proj.bias"]).permute(0, 3, 1, 2)
-  cat = torch.cat([x, ref], dim=-1).permute(0, 3, 1, 2)
-  feat = F.conv2d(cat, p["offset_mask_dw.weight"], p["offset_mask_dw.bias"], padding=1,
-                  groups=c).permute(0, 2, 3, 1)
-  om = F.linear(feat, p["offset_mask.weight"], p["offset_mask.bias"])
-  hh, ww = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype),
-                          indexing="ij")
-  cg = c // G
-  outs = []
-  for g in range(G):
-    acc = 0
-    for i in range(3):
-      for j in range(3):
-        k = i * 3 + j
-        dx, dy, mod = om[..., g * 27 + 2 * k], om[..., g * 27 + 2 * k + 1], om[..., g * 27 + 18 + k]
-        rows, cols = hh - 1 + j + dy, ww - 1 + i + dx
-        grid = torch.stack([(cols + 0.5) / w * 2 - 1, (rows + 0.5) / h * 2 - 1], dim=-1)
-        s = F.grid_sample(value[:, g * cg:(g + 1) * cg], grid, mode="bilinear",
-                          padding_mode="zeros", align_corners=False)
-        acc = acc + s * mod[:, None]
-    outs.append(acc)
-  sampled = torch.cat(outs, dim=1).permute(0, 2, 3, 1)
-  return F.linear(sampled, p["output_proj.weight"], p["output_proj.bias"])
 
 
 def _hf_qformer(gen):
@@ -426,7 +399,7 @@ def test_converted_model_matches_pytorch_reference(world, converted):
   with torch.no_grad():
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     tt = t(ctx).float()
-    aligned_ref = torch_dcn(ref["dcn"], tt, t(refv))
+    aligned_ref = torch_references.deformable_align(ref["dcn"], tt, t(refv), G)[0]
     views_ref = torch.cat([t(roi[:, :1]), aligned_ref.reshape(b, V - 1, R, R, C)], 1)
     tok_ref = torch.cat([t(cls)[:, :, None], views_ref.reshape(b, V, R * R, C)], 2)
     tok_ref = tok_ref.permute(0, 2, 1, 3).reshape(b, 1 + R * R, V * C)

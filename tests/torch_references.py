@@ -1,9 +1,11 @@
 """PyTorch reference modules and key layouts shared by several tests, written from
-CHECKPOINTS.md (not from our code): the EVA-CLIP / OpenCLIP text tower, and the LAVIS key names
-of an EVA ViT block built from transformers' Blip2VisionModel state_dict."""
+CHECKPOINTS.md and SPEC.md (not from our code): the EVA-CLIP / OpenCLIP text tower, the LAVIS key
+names of an EVA ViT block built from transformers' Blip2VisionModel state_dict, and the DCNv4
+alignment written with grid_sample."""
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class EvaTextBlock(torch.nn.Module):
@@ -66,3 +68,40 @@ def lavis_vit_block(sd: dict, i: int, width: int) -> dict:
   qkv_bias = np.asarray(sd[hf + "self_attn.qkv.bias"])
   out[lv + "attn.q_bias"], out[lv + "attn.v_bias"] = qkv_bias[:width], qkv_bias[2 * width:]
   return out
+
+
+def grid_sample_pixels(img, rows, cols):
+  """Bilinear, zero padding, pixel i at coordinate i. img [M, c, H, W]; rows/cols [M, H, W]."""
+  h, w = img.shape[-2:]
+  grid = torch.stack([(cols + 0.5) / w * 2 - 1, (rows + 0.5) / h * 2 - 1], dim=-1)
+  return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def deformable_align(p, x, ref, groups: int):
+  """DCNv4 alignment, SPEC §4 steps 1-5, with the released key names (CHECKPOINTS.md).
+
+  p: torch tensors by key (value_proj, offset_mask_dw, offset_mask, output_proj); x, ref: torch
+  [M, H, W, C]. Returns (aligned [M, H, W, C], the offset/modulation map [M, H, W, 27·groups]).
+  """
+  m, h, w, c = x.shape
+  value = F.linear(x, p["value_proj.weight"], p["value_proj.bias"]).permute(0, 3, 1, 2)
+  cat = torch.cat([x, ref], dim=-1).permute(0, 3, 1, 2)
+  feat = F.conv2d(cat, p["offset_mask_dw.weight"], p["offset_mask_dw.bias"], padding=1,
+                  groups=c).permute(0, 2, 3, 1)
+  om = F.linear(feat, p["offset_mask.weight"], p["offset_mask.bias"])
+  hh, ww = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype),
+                          indexing="ij")
+  cg = c // groups
+  outs = []
+  for g in range(groups):
+    base = g * 27
+    acc = 0
+    for i in range(3):
+      for j in range(3):
+        k = i * 3 + j
+        dx, dy, mod = om[..., base + 2 * k], om[..., base + 2 * k + 1], om[..., base + 18 + k]
+        s = grid_sample_pixels(value[:, g * cg:(g + 1) * cg], hh - 1 + j + dy, ww - 1 + i + dx)
+        acc = acc + s * mod[:, None]
+    outs.append(acc)
+  sampled = torch.cat(outs, dim=1).permute(0, 2, 3, 1)
+  return F.linear(sampled, p["output_proj.weight"], p["output_proj.bias"]), om

@@ -148,6 +148,27 @@ def coco_regions(path: str) -> tuple[dict, Iterator[tuple[dict, dict]]]:
   return data, pairs
 
 
+def coco_category_records(path: str, image_dir: str, *, attributes: bool = False
+                          ) -> tuple[list[dict[str, Any]], list[str], dict]:
+  """One record per annotation of a COCO-style JSON (COCO instances, OVAD): the box from `bbox`
+  (xywh), the category name as caption and category (an unknown id becomes a category name that
+  fails validation), `att_vec` when `attributes`. Returns (records, category names sorted by
+  id, the loaded JSON)."""
+  data, regions = coco_regions(path)
+  cats = sorted(data["categories"], key=lambda c: c["id"])
+  names = {c["id"]: c["name"] for c in cats}
+  records = []
+  for a, im in regions:
+    name = names.get(a.get("category_id"))
+    records.append({
+        "image_file": os.path.join(image_dir, im["file_name"]), "image_id": a["image_id"],
+        "region_id": a["id"], "box": xywh_to_xyxy(a.get("bbox")),
+        "caption": name or "", "category": name if name is not None else
+        f"<unknown id {a.get('category_id')}>",
+        "att_vec": a.get("att_vec") if attributes else None})
+  return records, [c["name"] for c in cats], data
+
+
 def xywh_to_xyxy(b: Sequence[Any]) -> list[float]:
   try:
     x, y, w, h = (float(v) for v in b)
