@@ -10,6 +10,7 @@ regular expressions over '/'-joined paths (the trainable/frozen split of the con
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Iterable
 
@@ -150,9 +151,11 @@ def unstack_layers(tree: dict, groups) -> dict:
 
 def stack_held(tree: dict, shardings, *, donate: bool = False) -> tuple[dict, Any, tuple]:
   """(tree, shardings, groups) with every uniform stack of `tree` (layer_groups) held stacked.
-  Arrays are stacked in one jitted call onto the stacked shardings (`donate`: the per-layer
-  arrays are donated); a tree of ShapeDtypeStructs (an abstract state) gets stacked abstract
-  leaves. With no stack: the arguments unchanged and groups ()."""
+  Arrays are stacked leaf by leaf, jitted, onto the stacked shardings; `donate`: each leaf's
+  per-layer arrays are deleted once it is stacked, so the transient is one stacked leaf, not a
+  second copy of the tree (XLA cannot alias them to an output of another shape, so jit's
+  donation would free nothing). A tree of ShapeDtypeStructs (an abstract state) gets stacked
+  abstract leaves. With no stack: the arguments unchanged and groups ()."""
   groups = layer_groups(tree)
   if not groups:
     return tree, shardings, ()
@@ -160,9 +163,28 @@ def stack_held(tree: dict, shardings, *, donate: bool = False) -> tuple[dict, An
   leaves = jax.tree.leaves(tree)
   if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
     return stack_layers(tree, groups, leaf_fn=stacked_abstract), stacked_shardings, groups
-  stack = jax.jit(lambda t: stack_layers(t, groups), out_shardings=stacked_shardings,
-                  donate_argnums=0 if donate else ())
-  return stack(tree), stacked_shardings, groups
+  # Pair each group of per-layer leaves with its own sharding (the leaf_fn sees only leaves).
+  paired = jax.tree.map(lambda x, s: (x, s), tree, shardings,
+                        is_leaf=lambda x: isinstance(x, jax.Array))
+
+  def stack(pairs):
+    arrays, shards = zip(*pairs)
+    out = _stack_onto(list(arrays), stacked_sharding(list(shards)))
+    if donate:
+      for a in arrays:
+        if isinstance(a, jax.Array):
+          a.delete()
+    return out
+
+  held = stack_layers(paired, groups, leaf_fn=stack)
+  held = jax.tree.map(lambda x: x[0] if isinstance(x, tuple) else x, held,
+                      is_leaf=lambda x: isinstance(x, tuple))
+  return held, stacked_shardings, groups
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stack_onto(arrays: list, sharding) -> jax.Array:
+  return jax.lax.with_sharding_constraint(jax.numpy.stack(arrays), sharding)
 
 
 def stacked_sharding(shardings: list) -> jax.sharding.NamedSharding:

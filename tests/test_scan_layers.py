@@ -293,7 +293,8 @@ def _frozen_stack_runs(devices, variants):
     # The same initial state each time (the step donates its trainable; stacking donates frozen).
     state = dataclasses.replace(built, trainable=copy(built.trainable), frozen=copy(built.frozen))
     if stacked:
-      per_layer = {k: np.asarray(v) for k, v in functional.flatten(state.frozen).items()}
+      arrays = functional.flatten(state.frozen)
+      per_layer = {k: np.asarray(v) for k, v in arrays.items()}
       train.stack_frozen(state)
       depths = {"t5_model/decoder/layers": 2, "visual_encoder/blocks": 3,
                 "t5_model/encoder/layers": config.model.lm.num_encoder_layers,
@@ -305,6 +306,8 @@ def _frozen_stack_runs(devices, variants):
         stacked_here = m and m[1] in dict(state.frozen_groups)
         got = flat[f"{m[1]}/stacked/{m[3]}"][int(m[2])] if stacked_here else flat[k]
         np.testing.assert_array_equal(np.asarray(got), v, err_msg=k)
+        # The stacked layers' own arrays are freed (donated); the rest are the same arrays.
+        assert arrays[k].is_deleted() == bool(stacked_here), k
       # Per-device shapes: FSDP shards the larger weights along one axis (2 devices).
       for shape in {tuple(v.shape) for k, v in flat.items() if "/stacked/" in k}:
         stacks |= {shape} | {shape[:i] + (shape[i] // 2,) + shape[i + 1:]
