@@ -134,7 +134,8 @@ def stack_frozen(state: ModelState) -> None:
   per-layer arrays. The step slices it per layer and the scan over the layers stacks the slices
   again, which XLA folds away; with per-layer arrays the scan's stack is a copy of the frozen
   weights in every step (7.5 GB at full size on one device). Works on arrays (jitted, onto the
-  stacked shardings, the per-layer arrays donated) and on abstract states (memory plans).
+  stacked shardings, each per-layer array deleted once stacked) and on abstract states (memory
+  plans).
   A no-op when nothing is stackable or already stacked. Meant for config.model.scan_layers
   (unrolled layers gain nothing from it)."""
   if state.frozen_groups:
