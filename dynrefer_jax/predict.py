@@ -42,8 +42,10 @@ class PredictError(ValueError):
 # ---------------------------------------------------------------------------------- inputs
 
 def load_image(path: str) -> np.ndarray:
-  """uint8[H, W, 3] RGB. Raises PredictError for a missing file or one that is not an image."""
+  """uint8[H, W, 3] RGB, upright (EXIF orientation applied) and converted as the training data
+  were (data/images.py). Raises PredictError for a missing file or one that is not an image."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.data import images  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise PredictError(f"image not found: {path}")
   if not os.path.isfile(path):
@@ -51,7 +53,7 @@ def load_image(path: str) -> np.ndarray:
   try:
     with Image.open(path) as im:
       im.load()
-      arr = np.asarray(im.convert("RGB"), np.uint8)
+      arr = np.asarray(images.upright_rgb8(im), np.uint8)
   except UnidentifiedImageError:
     raise PredictError(f"not an image (unrecognised format): {path}") from None
   except (OSError, ValueError) as e:

@@ -4,6 +4,7 @@ Modules (import what you need; nothing here imports TensorFlow eagerly):
   synthetic   the seeded synthetic region world (`ensure`, `generate`).
   tokenizer   a tiny word-level tokenizer with T5 conventions (`build_tokenizer`, `load_tokenizer`).
   tags        rule-based tag-set parser (SPEC §7a).
+  images      decoded images as the model sees them: upright (EXIF), 8-bit RGB (`upright_rgb8`).
   sources     region tables per split (`SyntheticSource`, `JsonSource`).
   pipeline    `make_train_iterator`, `make_eval_iterator` (docs/ARCHITECTURE.md batch format).
   builders/   readers of the public annotation formats (VG + DenseCap, RefCOCOg, COCO, OVAD).

@@ -84,6 +84,7 @@ def decode_image(data: bytes, name: str, limits: Limits) -> np.ndarray:
   """uint8[H, W, 3] RGB exactly as `predict.load_image` reads the same file; DemoError with a
   readable message for an empty file, a non-image, a corrupt or a too large one."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.data import images  # pylint: disable=import-outside-toplevel
   label = f"'{name}'" if name else "the file"
   if not data:
     raise DemoError(f"{label} is empty")
@@ -97,7 +98,7 @@ def decode_image(data: bytes, name: str, limits: Limits) -> np.ndarray:
         raise DemoError(f"{label} is too large: {w}x{h} pixels (at most "
                         f"{limits.max_pixels / 1e6:g} megapixels)", 413)
       im.load()
-      arr = np.asarray(im.convert("RGB"), np.uint8)
+      arr = np.asarray(images.upright_rgb8(im), np.uint8)
   except DemoError:
     raise
   except UnidentifiedImageError:

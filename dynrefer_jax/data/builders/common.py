@@ -55,6 +55,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from dynrefer_jax.data import images
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -180,18 +182,6 @@ def xywh_to_xyxy(b: Sequence[Any]) -> list[float]:
 # ----------------------------------------------------------------------------- images
 
 
-def _to_rgb8(img: Image.Image) -> Image.Image:
-  if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-    arr = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if arr.max() > 255 else 255.0
-    return Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-    rgba = img.convert("RGBA")
-    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return Image.alpha_composite(black, rgba).convert("RGB")
-  return img.convert("RGB")
-
-
 def check_image(path: str, max_image_size: int, report: Report, out_path: str):
   """Validates (and if needed repairs) one image.
 
@@ -205,13 +195,13 @@ def check_image(path: str, max_image_size: int, report: Report, out_path: str):
     with Image.open(path) as img:
       img.load()
       repaired = []
-      orientation = img.getexif().get(0x0112, 1)
+      orientation = images.orientation(img)
       if orientation != 1:
         img = ImageOps.exif_transpose(img)
         repaired.append("image_exif_rotated")
-      if img.mode != "RGB" or img.info.get("transparency") is not None:
+      if images.needs_rgb8(img):
         repaired.append(f"image_mode_{img.mode}")
-        img = _to_rgb8(img)
+        img = images.to_rgb8(img)
       scale = 1.0
       if max(img.size) > max_image_size:
         scale = max_image_size / max(img.size)
