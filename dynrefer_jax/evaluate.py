@@ -68,6 +68,20 @@ def _labelled(cached: list[tuple[dict, dict]]) -> dict[str, bool]:
   return found
 
 
+def require_java_for(config, splits) -> None:
+  """eval_common.MissingJava before any work when an evaluator the splits may run needs Java:
+  the split's config.eval.tasks, else every evaluator (which ones apply is known only from the
+  data's labels)."""
+  tasks = check_tasks(config)
+  names = {n for split in splits for n in tasks.get(split, EVALUATORS)}
+  needs = sorted(names & set(eval_common.NEEDS_JAVA))
+  if needs:
+    what = f"evaluating {' and '.join(needs)}"
+    if any(split not in tasks for split in splits):
+      what += " (config.eval.tasks can name a split's evaluators)"
+    eval_common.require_java(what)
+
+
 def check_tasks(config) -> dict[str, list[str]]:
   """config.eval.tasks ({split: [evaluator names]}, optional), checked: ConfigError names an
   unknown evaluator."""
@@ -193,7 +207,8 @@ def main(argv=None) -> int:
     config = config_lib.load(spec or "configs/synthetic.py", overrides)
     check_tasks(config)
     root, _ = predict_lib.checkpoint_root(args.checkpoint)
-  except (config_lib.ConfigError, predict_lib.PredictError) as e:
+    require_java_for(config, args.split or list(config.eval.splits))
+  except (config_lib.ConfigError, predict_lib.PredictError, eval_common.MissingJava) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from dynrefer_jax.data import setup as data_setup  # pylint: disable=import-outside-toplevel

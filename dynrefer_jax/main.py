@@ -23,6 +23,7 @@ from dynrefer_jax import config_lib, train as train_lib
 from dynrefer_jax.data import setup as data_setup
 from dynrefer_jax.data import sources
 from dynrefer_jax import evaluate as eval_lib
+from dynrefer_jax.evaluators import common as eval_common
 from dynrefer_jax.inference import Predictor
 from dynrefer_jax import sharding
 
@@ -310,7 +311,9 @@ def main(argv=None) -> int:
     variants = list(config.get("ablation_variants", ()) or ())
     configs = {v: config_lib.load(f"{spec.partition(':')[0]}:ablation:{v}", overrides)
                for v in variants}
-  except (config_lib.ConfigError, ValueError) as e:
+    # Before training, not after it: every split of the synthetic world is scored on captions.
+    eval_common.require_java("the main job's evaluation (captions, with pycocoevalcap)")
+  except (config_lib.ConfigError, ValueError, eval_common.MissingJava) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   workdir = os.path.abspath(args.workdir)

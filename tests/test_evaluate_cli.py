@@ -71,3 +71,27 @@ def test_splits_scored_by_their_tasks_or_their_labels():
   assert evaluate.evaluators_for(synthetic, "any", labelled) == ["attributes", "recognition"]
   assert evaluate.evaluators_for(vg, "vg_dense", no_attrs) == ["dense_caption"]
   assert evaluate.evaluators_for(vg, "ovad", no_attrs) == ["attributes"]
+
+
+def test_missing_java_is_one_line_before_any_work(smoke_workdir, tmp_path, capsys, monkeypatch):
+  """pycocoevalcap runs `java` by name: without it on PATH, evaluate and the main job stop at
+  once with one line (not a traceback after predicting, or after training), and only when an
+  evaluator that needs it can run."""
+  from dynrefer_jax import main, predict, train
+  from dynrefer_jax.evaluators import common, region_caption
+  workdir, _ = smoke_workdir
+  monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no java
+  monkeypatch.setattr(predict.Runner, "load", classmethod(lambda *a, **k: pytest.fail("loaded")))
+  monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained"))
+  assert evaluate.main(["--config", CONFIG, "--checkpoint", str(workdir)]) == 2
+  assert main.main(["--config", CONFIG, "--workdir", str(tmp_path / "run")]) == 2
+  errors = capsys.readouterr().err.splitlines()
+  assert len(errors) == 2 and all(e.startswith("error: ") and "needs Java" in e and
+                                  "not on PATH" in e for e in errors), errors
+  with pytest.raises(common.MissingJava):
+    region_caption.caption_metrics({1: ["a dog"]}, {1: "a dog"})
+  # Splits whose tasks need no Java (COCO recognition, OVAD attributes) still evaluate.
+  vg = config_lib.load(os.path.join(ROOT, "configs", "dynrefer_vg.py"))
+  evaluate.require_java_for(vg, ["coco", "ovad"])
+  with pytest.raises(common.MissingJava, match="dense_caption"):
+    evaluate.require_java_for(vg, ["coco", "vg_dense"])

@@ -33,6 +33,7 @@ import atexit
 from collections.abc import Callable, Iterable, Iterator
 import contextlib
 import pickle
+import shutil
 import threading
 from typing import Any
 
@@ -179,6 +180,23 @@ _METEOR: dict[str, Any] = {"scorer": None}
 _METEOR_LOCK = threading.Lock()
 
 
+# The evaluators that run Java (pycocoevalcap's PTB tokenizer and METEOR 1.5 are jars).
+NEEDS_JAVA = ("region_caption", "dense_caption")
+
+
+class MissingJava(RuntimeError):
+  """No `java` on PATH; the message is one line that says what to install."""
+
+
+def require_java(what: str = "caption evaluation") -> None:
+  """Raises MissingJava unless a `java` executable is on PATH (pycocoevalcap starts `java` by
+  name). Checked before the work that needs it, so a run fails at once, not after training."""
+  if shutil.which("java") is None:
+    raise MissingJava(f"{what} needs Java: pycocoevalcap's PTB tokenizer and METEOR run "
+                      "`java`, which is not on PATH (install a Java runtime, e.g. "
+                      "`apt-get install default-jre-headless`)")
+
+
 @contextlib.contextmanager
 def shared_meteor():
   """The process's one pycocoevalcap `Meteor` (`java -jar meteor-1.5.jar -stdio`), started on
@@ -187,6 +205,7 @@ def shared_meteor():
   every checkpoint). Each request line is scored on its own, so calls do not affect each other.
   One caller at a time; a scorer whose call failed, or whose process died, is replaced."""
   from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
+  require_java("METEOR")
   with _METEOR_LOCK:
     scorer = _METEOR["scorer"]
     if scorer is None or scorer.meteor_p.poll() is not None:

@@ -39,6 +39,7 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable
                      f"(e.g. {sorted(extra, key=str)[:3]})")
   if not gts:
     raise ValueError("no captions to evaluate")
+  common.require_java("region captioning (BLEU, METEOR, ROUGE-L, CIDEr)")
   tokenizer = PTBTokenizer()
   # COCOEvalCap tokenizes references and predictions in two separate calls; so do we.
   gts_tok = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
