@@ -3,11 +3,15 @@ r"""Predict captions, tags, attributes and categories for boxes in your own imag
   python -m dynrefer_jax.predict --config configs/synthetic.py:smoke --checkpoint WORKDIR \
       --image photo.jpg --box 10,20,200,180 [--box ...] [--views auto|0,0.3,0.6] [--out DIR]
 
+  python -m dynrefer_jax.predict --config ... --checkpoint WORKDIR --regions regions.json
+
 Prints the JSON (one object per box, schema in README.md "Predict") and writes DIR/<image>.json
 and DIR/<image>.png (the image with its numbered boxes and captions; below it, each region's
-views side by side). Bad input (a missing file, not an image, a degenerate / non-finite box or
-one outside the image, bad --views) is one line on stderr and exit code 2, checked before the
-model is loaded.
+views side by side). `--regions` takes many images, a JSON list of {"image": path, "boxes":
+[[x1, y1, x2, y2], ...]}: the same two files per image (names made unique: a, a-2) and
+DIR/predictions.jsonl, one image's JSON per line. Bad input (a missing file, not an image, a
+degenerate / non-finite box or one outside the image, bad --views, a malformed regions file) is
+one line on stderr and exit code 2, checked for every image before the model is loaded.
 
 Library use (the model is loaded and compiled once, then reused):
 
@@ -420,6 +424,61 @@ class Runner:
             "views": ts, "view_boxes": view_boxes_in_image(np.asarray(box), image_hw, ts)}
 
 
+# ------------------------------------------------------------------------------ many images
+
+def read_regions_file(path: str) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
+  """`--regions FILE`: a JSON list of {"image": path, "boxes": [[x1, y1, x2, y2], ...]} (image
+  paths relative to the file's folder unless absolute; the same image may appear once).
+
+  Every image is decoded and every box checked here, before any model work; PredictError names
+  the entry (1-based) and the image. Returns [(image path, float32[N, 4] boxes, (h, w))]; the
+  images are decoded again when predicted, so they are not all held in memory."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      entries = json.load(f)
+  except FileNotFoundError:
+    raise PredictError(f"regions file not found: {path}") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise PredictError(f"regions file {path} is not readable JSON: "
+                       f"{str(e).splitlines()[0]}") from None
+  shape = 'a JSON list of {"image": path, "boxes": [[x1, y1, x2, y2], ...]}'
+  if not isinstance(entries, list) or not entries:
+    raise PredictError(f"regions file {path}: expected {shape} (non-empty)")
+  base = os.path.dirname(os.path.abspath(path))
+  out, seen = [], {}
+  for k, entry in enumerate(entries, 1):
+    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
+        or not isinstance(entry.get("boxes"), list):
+      raise PredictError(f"regions file {path}, entry {k}: expected {shape}")
+    image_path = os.path.normpath(os.path.join(base, entry["image"]))
+    if image_path in seen:
+      raise PredictError(f"regions file {path}, entry {k}: {entry['image']} is also entry "
+                         f"{seen[image_path]} (give each image once, with all its boxes)")
+    seen[image_path] = k
+    try:
+      image = load_image(image_path)
+      boxes = validate_boxes(entry["boxes"], image.shape[:2])
+    except PredictError as e:
+      raise PredictError(f"regions file {path}, entry {k} ({entry['image']}): {e}") from None
+    out.append((image_path, boxes, image.shape[:2]))
+  return out
+
+
+def output_stems(paths: Sequence[str]) -> list[str]:
+  """Output file stems: each image's file name without extension, made unique with -2, -3, ...
+  in input order when names repeat (photos/a.jpg and other/a.png → a, a-2)."""
+  stems, used = [], set()
+  for p in paths:
+    stem = os.path.splitext(os.path.basename(p))[0] or "image"
+    name, n = stem, 1
+    while name in used:
+      n += 1
+      name = f"{stem}-{n}"
+    used.add(name)
+    stems.append(name)
+  return stems
+
+
 # ------------------------------------------------------------------------------ rendering
 
 _COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -495,17 +554,28 @@ def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="python -m dynrefer_jax.predict")
     p.add_argument("--checkpoint", required=True,
                    help="a training workdir or a tools/convert_checkpoint.py output")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", help="one image (with --box)")
     p.add_argument("--box", action="append", default=[], help="x1,y1,x2,y2 in pixels")
+    p.add_argument("--regions", help='many images: a JSON list of {"image": path, "boxes": '
+                   '[[x1, y1, x2, y2], ...]} (instead of --image/--box)')
     p.add_argument("--views", default="auto", help="'auto' (pHash) or t values, e.g. 0,0.3,0.6")
     p.add_argument("--out", default="predictions", help="output directory")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(rest)
     if spec is None:
       raise PredictError("--config=configs/<name>.py[:arg] is required")
+    if bool(args.regions) == bool(args.image):
+      raise PredictError("give --image (with --box) or --regions FILE, not both" if args.image
+                         else "--image (with --box) or --regions FILE is required")
+    if args.regions and args.box:
+      raise PredictError("--box goes with --image; with --regions the boxes are in the file")
     config = config_lib.load(spec, overrides)
-    image = load_image(args.image)
-    boxes = validate_boxes([parse_box(b) for b in args.box], image.shape[:2])
+    if args.regions:
+      jobs = read_regions_file(args.regions)
+    else:
+      image = load_image(args.image)
+      jobs = [(args.image, validate_boxes([parse_box(b) for b in args.box], image.shape[:2]),
+               image.shape[:2])]
     views = parse_views(args.views, int(config.model.num_views))
     checkpoint_root(args.checkpoint)
     if args.batch_size < 1:
@@ -519,17 +589,30 @@ def main(argv: list[str] | None = None) -> int:
   except (data_setup.DataError, PredictError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)  # a missing data file or checkpoint piece: one line
     return 2
-  regions = runner.predict(image, boxes.tolist(), views)
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.splitext(os.path.basename(args.image))[0]
-  doc = {"image": os.path.abspath(args.image), "image_size": [image.shape[1], image.shape[0]],
-         "checkpoint_step": runner.step, "regions": regions}
-  text = json.dumps(doc, indent=1)
-  _atomic_write_bytes(os.path.join(args.out, stem + ".json"), text.encode())
-  buf = io.BytesIO()
-  annotate(image, regions).save(buf, format="PNG")
-  _atomic_write_bytes(os.path.join(args.out, stem + ".png"), buf.getvalue())
-  print(text)
+  docs = []
+  for (path, boxes, _), stem in zip(jobs, output_stems([j[0] for j in jobs])):
+    image = load_image(path)
+    regions = runner.predict(image, boxes.tolist(), views)
+    doc = {"image": os.path.abspath(path), "image_size": [image.shape[1], image.shape[0]],
+           "checkpoint_step": runner.step, "regions": regions}
+    text = json.dumps(doc, indent=1)
+    _atomic_write_bytes(os.path.join(args.out, stem + ".json"), text.encode())
+    buf = io.BytesIO()
+    annotate(image, regions).save(buf, format="PNG")
+    _atomic_write_bytes(os.path.join(args.out, stem + ".png"), buf.getvalue())
+    docs.append(doc)
+    if args.regions:  # one line per image; the regions are in the files
+      print(f"{path}: {len(regions)} region{'s' * (len(regions) != 1)} → "
+            f"{os.path.join(args.out, stem)}.json and .png", flush=True)
+    else:
+      print(text)
+  if args.regions:
+    _atomic_write_bytes(os.path.join(args.out, "predictions.jsonl"),
+                        "".join(json.dumps(d) + "\n" for d in docs).encode())
+    n, r = len(docs), sum(len(d["regions"]) for d in docs)
+    print(f"{n} image{'s' * (n != 1)}, {r} region{'s' * (r != 1)}: "
+          f"{os.path.join(args.out, 'predictions.jsonl')}")
   return 0
 
 

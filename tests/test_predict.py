@@ -160,3 +160,90 @@ def test_end_to_end_cli_and_library(files, trained, capsys):
                              rtol=1e-5)
   with pytest.raises(predict.PredictError, match="lies outside"):
     runner.predict(files["array"], [(0, 0, 500, 5)])
+
+
+def _regions_argv(files, regions, checkpoint=None, out=None, extra=()):
+  return ["--config", CONFIG, "--checkpoint", checkpoint or files["ckpt"], "--regions", regions,
+          "--out", out or str(files["tmp"] / "out"), *extra]
+
+
+def _write(files, name, content):
+  path = files["tmp"] / name
+  path.write_text(content if isinstance(content, str) else json.dumps(content))
+  return str(path)
+
+
+REGIONS_BAD = [
+    ("missing file", None, "regions file not found"),
+    ("not json", "[{", "is not readable JSON"),
+    ("not a list", {"image": "photo.png"}, 'expected a JSON list of {"image": path'),
+    ("empty list", [], "(non-empty)"),
+    ("no boxes key", [{"image": "photo.png"}], "entry 1: expected a JSON list"),
+    ("bad box in entry 2", [{"image": "photo.png", "boxes": [[0, 0, 5, 5]]},
+                            {"image": "sub/photo.png", "boxes": [[0, 0, 5, 5], [0, 0, 500, 5]]}],
+     "entry 2 (sub/photo.png): box 2 (0, 0, 500, 5) lies outside the 120x90 image"),
+    ("missing image", [{"image": "nope.png", "boxes": [[0, 0, 5, 5]]}],
+     "entry 1 (nope.png): image not found"),
+    ("same image twice", [{"image": "photo.png", "boxes": [[0, 0, 5, 5]]},
+                          {"image": "./photo.png", "boxes": [[1, 1, 5, 5]]}],
+     "entry 2: ./photo.png is also entry 1"),
+    ("no boxes", [{"image": "photo.png", "boxes": []}], "entry 1 (photo.png): no boxes given"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", REGIONS_BAD, ids=[b[0] for b in REGIONS_BAD])
+def test_bad_regions_file_is_one_line_and_exit_2(files, capsys, monkeypatch, name, content,
+                                                 message):
+  os.makedirs(files["tmp"] / "sub", exist_ok=True)
+  Image.fromarray(files["array"]).save(files["tmp"] / "sub" / "photo.png")
+  monkeypatch.setattr(predict.Runner, "load", classmethod(lambda *a, **k: pytest.fail("loaded")))
+  path = (str(files["tmp"] / "absent.json") if content is None
+          else _write(files, name.replace(" ", "_") + ".json", content))
+  assert predict.main(_regions_argv(files, path)) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+  assert captured.err.startswith("error: ") and message in captured.err, captured.err
+  assert not os.path.exists(files["tmp"] / "out")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--image", "IMAGE", "--box", "0,0,5,5", "--regions", "R"], "not both"),
+    (["--regions", "R", "--box", "0,0,5,5"], "--box goes with --image"),
+    ([], "--image (with --box) or --regions FILE is required"),
+])
+def test_image_or_regions(files, capsys, monkeypatch, argv, message):
+  monkeypatch.setattr(predict.Runner, "load", classmethod(lambda *a, **k: pytest.fail("loaded")))
+  argv = [files["image"] if a == "IMAGE" else a for a in argv]
+  assert predict.main(["--config", CONFIG, "--checkpoint", files["ckpt"], *argv]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and message in err, err
+
+
+def test_regions_file_end_to_end(files, trained, capsys):
+  """Two images with the same file name (outputs photo and photo-2), paths relative to the
+  regions file; predictions.jsonl holds each image's JSON; the regions are what the library
+  predicts for the same image and boxes."""
+  os.makedirs(files["tmp"] / "sub", exist_ok=True)
+  other = np.ascontiguousarray(files["array"][::-1])
+  Image.fromarray(other).save(files["tmp"] / "sub" / "photo.png")
+  regions = _write(files, "regions.json", [
+      {"image": "photo.png", "boxes": [[10, 10, 60, 50]]},
+      {"image": "sub/photo.png", "boxes": [[0, 0, 120, 90], [20, 30, 70, 80]]}])
+  out = str(files["tmp"] / "many")
+  assert predict.main(_regions_argv(files, regions, checkpoint=trained, out=out)) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert len(printed) == 3 and printed[-1].startswith("2 images, 3 regions")
+  lines = [json.loads(l) for l in open(os.path.join(out, "predictions.jsonl"), encoding="utf-8")]
+  assert [d["image"] for d in lines] == [files["image"], str(files["tmp"] / "sub" / "photo.png")]
+  for stem, doc in zip(("photo", "photo-2"), lines):
+    assert json.loads(open(os.path.join(out, stem + ".json"), encoding="utf-8").read()) == doc
+    assert os.path.exists(os.path.join(out, stem + ".png"))
+  assert sorted(os.listdir(out)) == ["photo-2.json", "photo-2.png", "photo.json", "photo.png",
+                                     "predictions.jsonl"]  # nothing half-written left
+  runner = predict.Runner.load(CONFIG, trained)
+  want = runner.predict(other, [(0, 0, 120, 90), (20, 30, 70, 80)])
+  got = lines[1]["regions"]
+  assert [r["caption"] for r in got] == [r["caption"] for r in want]
+  assert [r["views"] for r in got] == [r["views"] for r in want]
+  assert lines[1]["image_size"] == [120, 90] and [r["box"] for r in got] == [
+      [0, 0, 120, 90], [20, 30, 70, 80]]
