@@ -108,10 +108,46 @@ def validate_boxes(boxes: Sequence[Sequence[float]], image_hw: tuple[int, int]) 
   return np.asarray(out, np.float32)
 
 
-def parse_views(spec: str | Sequence[float] | None, num_views: int) -> str | tuple[float, ...]:
-  """'auto' (pHash selection, SPEC §8) or num_views values t in [0, 1] ('0,0.3,0.6')."""
+# Task priors (SPEC §8, "paper-level claims", the paper's Figure 4): attributes are best seen
+# with little context (t ≈ 0.1), captions with t ≈ 0.4–0.5, and t > 0.5 hurts every task. The
+# original code has no such path, so these presets are ours: t=0 first, as in every view set the
+# model was trained on, then the first num_views - 1 of the rest. `config.eval.task_ts`
+# ({task: [t, ...]}) replaces them.
+TASK_TS = {
+    "caption": (0.0, 0.4, 0.5),
+    "attributes": (0.0, 0.1, 0.2),
+    "category": (0.0, 0.1, 0.5),
+}
+
+
+def task_priors(config) -> dict[str, tuple[float, ...]]:
+  """{task: its num_views values of t}: config.eval.task_ts, else TASK_TS. PredictError naming
+  the task when a config's prior has too few t or one outside [0, 1]."""
+  num_views = int(config.model.num_views)
+  custom = config.get("eval", {}).get("task_ts", None)
+  out = {}
+  for task, ts in (dict(custom) if custom else TASK_TS).items():
+    try:
+      out[task] = parse_views([float(t) for t in ts][:num_views], num_views)
+    except (PredictError, TypeError, ValueError) as e:
+      raise PredictError(f"config.eval.task_ts.{task}: {str(e).replace('--views: ', '')}"
+                         ) from None
+  return out
+
+
+def parse_views(spec: str | Sequence[float] | None, num_views: int,
+                tasks: dict[str, tuple[float, ...]] | None = None) -> str | tuple[float, ...]:
+  """'auto' (pHash selection, SPEC §8), a task prior's name (a key of `tasks`, task_priors) or
+  num_views values t in [0, 1] ('0,0.3,0.6')."""
   if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
     return "auto"
+  if isinstance(spec, str) and tasks and spec.strip() in tasks:
+    return tasks[spec.strip()]
+  if isinstance(spec, str) and spec.strip().replace("_", "").isalpha():
+    names = ", ".join(tasks or ())
+    raise PredictError(f"--views: {spec!r} is not a task prior"
+                       + (f" (one of {names})" if names else "")
+                       + f", 'auto' or {num_views} comma-separated t values in [0, 1]")
   if isinstance(spec, str):
     try:
       ts = tuple(float(v) for v in spec.split(","))
@@ -371,6 +407,11 @@ class Runner:
   def num_views(self) -> int:
     return int(self.config.model.num_views)
 
+  @property
+  def task_ts(self) -> dict[str, tuple[float, ...]]:
+    """The task priors `predict(views=name)` accepts (task_priors)."""
+    return task_priors(self.config)
+
   def predictor(self, views: str | tuple[float, ...] = "auto"):
     from dynrefer_jax.inference import Predictor  # pylint: disable=import-outside-toplevel
     if views not in self._predictors:
@@ -381,13 +422,15 @@ class Runner:
 
   def predict(self, image: np.ndarray, boxes: Sequence[Sequence[float]],
               views: str | Sequence[float] = "auto") -> list[dict]:
-    """image uint8[H, W, 3]; boxes [(x1, y1, x2, y2)] in its pixels → one dict per box
-    (README.md "Predict" gives the schema). Raises PredictError for bad input."""
+    """image uint8[H, W, 3]; boxes [(x1, y1, x2, y2)] in its pixels; views "auto", a task
+    prior's name (task_ts) or num_views values of t → one dict per box (README.md "Predict"
+    gives the schema). Raises PredictError for bad input."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
       raise PredictError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
     boxes = validate_boxes(boxes, image.shape[:2])
-    views = parse_views(views if isinstance(views, str) else list(views), self.num_views)
+    views = parse_views(views if isinstance(views, str) else list(views), self.num_views,
+                        self.task_ts)
     size = int(self.config.data.max_image_size)
     padded, hw, scaled, _ = prepare_image(image, boxes, size)
     predictor = self.predictor(views)
@@ -558,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--box", action="append", default=[], help="x1,y1,x2,y2 in pixels")
     p.add_argument("--regions", help='many images: a JSON list of {"image": path, "boxes": '
                    '[[x1, y1, x2, y2], ...]} (instead of --image/--box)')
-    p.add_argument("--views", default="auto", help="'auto' (pHash) or t values, e.g. 0,0.3,0.6")
+    p.add_argument("--views", default="auto", help="'auto' (pHash), a task prior (caption, "
+                   "attributes, category: config.eval.task_ts) or t values, e.g. 0,0.3,0.6")
     p.add_argument("--out", default="predictions", help="output directory")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(rest)
@@ -576,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
       image = load_image(args.image)
       jobs = [(args.image, validate_boxes([parse_box(b) for b in args.box], image.shape[:2]),
                image.shape[:2])]
-    views = parse_views(args.views, int(config.model.num_views))
+    views = parse_views(args.views, int(config.model.num_views), task_priors(config))
     checkpoint_root(args.checkpoint)
     if args.batch_size < 1:
       raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -46,6 +46,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 class _StubRunner:
   """Stands in for predict.Runner where only the server's input handling is under test."""
   step, num_views = 3, 3
+  task_ts = predict.TASK_TS  # Runner.task_ts of a config without eval.task_ts
 
   def __init__(self):
     self.config = ml_collections.ConfigDict(dict(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynrefer_jax import functional, predict
+from dynrefer_jax import config_lib, functional, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
@@ -44,7 +44,9 @@ BAD = [
     ("views count", {"views": "0,0.5"}, "this model uses 3 views, got 2 t values"),
     ("views range", {"views": "0,0.5,1.5"}, "every t must be a number in [0, 1]"),
     ("views nan", {"views": "0,nan,0.5"}, "every t must be a number in [0, 1]"),
-    ("views text", {"views": "wide"}, "--views expects 'auto' or 3 comma-separated t values"),
+    ("views text", {"views": "wide"}, "--views: 'wide' is not a task prior (one of caption, "
+     "attributes, category), 'auto' or 3 comma-separated t values in [0, 1]"),
+    ("views words", {"views": "0,a,1"}, "--views expects 'auto' or 3 comma-separated t values"),
     ("no checkpoint", {"checkpoint": "/nonexistent/run"}, "no checkpoint in /nonexistent/run"),
     ("bad config", {"config": "/nonexistent/config.py"}, "config file not found"),
 ]
@@ -93,6 +95,17 @@ def test_library_validation():
   assert predict.parse_views("auto", 3) == "auto"
   assert predict.parse_views("0,0.3,1", 3) == (0.0, 0.3, 1.0)
   assert predict.parse_views([0, 0.2, 0.4], 3) == (0.0, 0.2, 0.4)
+  # Task priors: the presets, or config.eval.task_ts (cut to num_views, each checked).
+  config = config_lib.load(CONFIG)
+  tasks = predict.task_priors(config)
+  assert tasks == {"caption": (0.0, 0.4, 0.5), "attributes": (0.0, 0.1, 0.2),
+                   "category": (0.0, 0.1, 0.5)}
+  assert predict.parse_views("attributes", 3, tasks) == (0.0, 0.1, 0.2)
+  config.eval.task_ts = {"size": [0, 0.6, 0.9, 1.0]}
+  assert predict.task_priors(config) == {"size": (0.0, 0.6, 0.9)}
+  config.eval.task_ts = {"size": [0, 1.5, 0.9]}
+  with pytest.raises(predict.PredictError, match=r"config.eval.task_ts.size: every t must be"):
+    predict.task_priors(config)
   # Views by hand (SPEC §2): box(t) = b + t·(I − b), truncated; image 120 wide, 90 high.
   assert predict.view_boxes_in_image(np.array([10, 20, 50, 40.5]), (90, 120), [0, 0.5, 1]) == [
       [10, 20, 50, 40], [5, 10, 85, 65], [0, 0, 120, 90]]
@@ -140,6 +153,8 @@ def test_end_to_end_cli_and_library(files, trained, capsys):
   fixed = runner.predict(files["array"], [(10, 10, 60, 50)] * 3, views=[0, 0.3, 1.0])
   assert len(fixed) == 3 and all(r["views"] == [0.0, 0.3, 1.0] for r in fixed)
   assert fixed[2]["view_boxes"][2] == [0, 0, 120, 90]
+  by_task = runner.predict(files["array"], [(10, 10, 60, 50)], views="attributes")
+  assert by_task[0]["views"] == [0.0, 0.1, 0.2]
   # The runner holds its layer stacks stacked (the forward slices them, no copy per call), and
   # predicts what the same weights in the per-layer layout predict.
   stacked = [p for p in functional.flatten(runner.params) if f"/{functional.STACKED}/" in p]

@@ -38,15 +38,8 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DEFAULT_CONFIG = "configs/synthetic.py"
 DEFAULT_CHECKPOINT = "workdirs/synthetic"
 
-# Task priors (SPEC §8, "paper-level claims"): attributes are best seen with little context
-# (t ≈ 0.1), captions with t ≈ 0.4–0.5, and t > 0.5 hurts every task. The original code has no
-# such path and our configs no key for it, so these are the demo's own presets: t=0 first, as
-# in every view set the model was trained on. A config may set `demo.task_ts` to replace them.
-TASK_TS = {
-    "caption": (0.0, 0.4, 0.5),
-    "attributes": (0.0, 0.1, 0.2),
-    "category": (0.0, 0.1, 0.5),
-}
+# Task priors: predict.TASK_TS (SPEC §8's trends; config.eval.task_ts replaces them).
+TASK_TS = predict.TASK_TS
 NUM_EXAMPLES = 6
 MAX_STORED_IMAGES = 8
 
@@ -206,9 +199,7 @@ class Engine:
     self.checkpoint = checkpoint
     self.limits = limits or Limits()
     self.num_views = runner.num_views
-    custom = runner.config.get("demo", {}).get("task_ts", None)
-    presets = dict(custom) if custom else TASK_TS
-    self.task_ts = {k: tuple(float(t) for t in v)[:self.num_views] for k, v in presets.items()}
+    self.task_ts = runner.task_ts
     self.fixed_by_config = tuple(runner.config.model.get("fixed_ts", ()) or ())
     self.examples = {e["id"]: e for e in examples}
     self._images: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
