@@ -32,7 +32,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -425,28 +425,54 @@ class Runner:
     """image uint8[H, W, 3]; boxes [(x1, y1, x2, y2)] in its pixels; views "auto", a task
     prior's name (task_ts) or num_views values of t → one dict per box (README.md "Predict"
     gives the schema). Raises PredictError for bad input."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-      raise PredictError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
-    boxes = validate_boxes(boxes, image.shape[:2])
+    return next(self.predict_many([(image, boxes)], views))
+
+  def predict_many(self, items: Iterable[tuple[np.ndarray, Sequence[Sequence[float]]]],
+                   views: str | Sequence[float] = "auto") -> Iterator[list[dict]]:
+    """Yields `predict(image, boxes, views)` for each (image, boxes) of `items`, in order.
+
+    The regions of consecutive images share batches (each row carries its own image), so
+    images with a box or two still fill the batch_size rows of a call. `items` is read lazily:
+    at most batch_size + 1 images are held at a time. PredictError for a bad image or box,
+    raised when that item is reached (earlier items have been yielded)."""
     views = parse_views(views if isinstance(views, str) else list(views), self.num_views,
                         self.task_ts)
-    size = int(self.config.data.max_image_size)
-    padded, hw, scaled, _ = prepare_image(image, boxes, size)
     predictor = self.predictor(views)
-    n, bs = len(boxes), self.batch_size
-    results = []
-    for start in range(0, n, bs):
-      chunk = scaled[start:start + bs]
-      rows = len(chunk)
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - rows, 0)])  # one compiled shape
-      batch = {"image": np.broadcast_to(padded, (bs,) + padded.shape),
-               "image_hw": np.broadcast_to(hw, (bs, 2)), "box": chunk}
+    size, bs = int(self.config.data.max_image_size), self.batch_size
+    pending = []   # rows waiting for a call: (item, box index, padded image, hw, scaled box)
+    done = {}      # item → its region dicts (None until predicted)
+    shapes = {}    # item → (image (h, w), boxes)
+    next_out = 0
+
+    def run(rows):
+      fill = rows + [rows[0]] * (bs - len(rows))  # one compiled shape
+      batch = {"image": np.stack([r[2] for r in fill]), "image_hw": np.stack([r[3] for r in fill]),
+               "box": np.stack([r[4] for r in fill])}
       preds = predictor(self.params, batch)
-      for i in range(rows):
-        results.append(self._region(start + i, boxes[start + i], image.shape[:2], preds, i,
-                                    predictor.tag_threshold))
-    return results
+      for j, (k, i, *_) in enumerate(rows):
+        image_hw, boxes = shapes[k]
+        done[k][i] = self._region(i, boxes[i], image_hw, preds, j, predictor.tag_threshold)
+
+    for k, (image, boxes) in enumerate(items):
+      image = np.asarray(image)
+      if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise PredictError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
+      boxes = validate_boxes(boxes, image.shape[:2])
+      padded, hw, scaled, _ = prepare_image(image, boxes, size)
+      shapes[k], done[k] = (image.shape[:2], boxes), [None] * len(boxes)
+      pending += [(k, i, padded, hw, scaled[i]) for i in range(len(boxes))]
+      while len(pending) >= bs:
+        run(pending[:bs])
+        pending = pending[bs:]
+      while next_out in done and all(r is not None for r in done[next_out]):
+        shapes.pop(next_out)
+        yield done.pop(next_out)
+        next_out += 1
+    if pending:
+      run(pending)
+    while next_out in done:
+      yield done.pop(next_out)
+      next_out += 1
 
   def _region(self, index, box, image_hw, preds, i, tag_threshold) -> dict:
     v = self.vocab
@@ -579,7 +605,6 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
-  import io  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv[1:] if argv is None else argv)
   # "--box -1,0,5,5" would read as an unknown option: bind the value to its flag first.
@@ -634,23 +659,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)  # a missing data file or checkpoint piece: one line
     return 2
   os.makedirs(args.out, exist_ok=True)
-  docs = []
-  for (path, boxes, _), stem in zip(jobs, output_stems([j[0] for j in jobs])):
-    image = load_image(path)
-    regions = runner.predict(image, boxes.tolist(), views)
-    doc = {"image": os.path.abspath(path), "image_size": [image.shape[1], image.shape[0]],
-           "checkpoint_step": runner.step, "regions": regions}
-    text = json.dumps(doc, indent=1)
-    _atomic_write_bytes(os.path.join(args.out, stem + ".json"), text.encode())
-    buf = io.BytesIO()
-    annotate(image, regions).save(buf, format="PNG")
-    _atomic_write_bytes(os.path.join(args.out, stem + ".png"), buf.getvalue())
-    docs.append(doc)
-    if args.regions:  # one line per image; the regions are in the files
-      print(f"{path}: {len(regions)} region{'s' * (len(regions) != 1)} → "
-            f"{os.path.join(args.out, stem)}.json and .png", flush=True)
-    else:
-      print(text)
+  loaded = {}
+
+  def items():  # images decoded as the batches need them; kept until written
+    for k, (path, boxes, _) in enumerate(jobs):
+      loaded[k] = load_image(path)
+      yield loaded[k], boxes.tolist()
+
+  docs, stems = [], output_stems([j[0] for j in jobs])
+  try:
+    for k, regions in enumerate(runner.predict_many(items(), views)):
+      docs.append(_write_image_outputs(args.out, stems[k], jobs[k][0], loaded.pop(k), regions,
+                                       runner.step, quiet=bool(args.regions)))
+  except PredictError as e:  # an image that changed on disk after it was checked
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if args.regions:
     _atomic_write_bytes(os.path.join(args.out, "predictions.jsonl"),
                         "".join(json.dumps(d) + "\n" for d in docs).encode())
@@ -658,6 +681,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n} image{'s' * (n != 1)}, {r} region{'s' * (r != 1)}: "
           f"{os.path.join(args.out, 'predictions.jsonl')}")
   return 0
+
+
+def _write_image_outputs(out: str, stem: str, path: str, image: np.ndarray, regions: list,
+                         step, *, quiet: bool) -> dict:
+  """OUT/<stem>.json and OUT/<stem>.png (atomic); prints the JSON, or one line when quiet."""
+  import io  # pylint: disable=import-outside-toplevel
+  doc = {"image": os.path.abspath(path), "image_size": [image.shape[1], image.shape[0]],
+         "checkpoint_step": step, "regions": regions}
+  text = json.dumps(doc, indent=1)
+  _atomic_write_bytes(os.path.join(out, stem + ".json"), text.encode())
+  buf = io.BytesIO()
+  annotate(image, regions).save(buf, format="PNG")
+  _atomic_write_bytes(os.path.join(out, stem + ".png"), buf.getvalue())
+  if quiet:
+    print(f"{path}: {len(regions)} region{'s' * (len(regions) != 1)} → "
+          f"{os.path.join(out, stem)}.json and .png", flush=True)
+  else:
+    print(text)
+  return doc
 
 
 if __name__ == "__main__":

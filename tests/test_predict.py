@@ -155,6 +155,24 @@ def test_end_to_end_cli_and_library(files, trained, capsys):
   assert fixed[2]["view_boxes"][2] == [0, 0, 120, 90]
   by_task = runner.predict(files["array"], [(10, 10, 60, 50)], views="attributes")
   assert by_task[0]["views"] == [0.0, 0.1, 0.2]
+  # Several images share batches (batch_size 2: rows of images 1 and 2 in one call, image 3's
+  # second box padded) and each image gets what it gets alone.
+  images = [files["array"], np.ascontiguousarray(files["array"][::-1]),
+            np.ascontiguousarray(files["array"][:, ::-1])]
+  boxes = [[(10, 10, 60, 50)], [(0, 0, 120, 90), (5, 5, 50, 80), (30, 20, 110, 70)],
+           [(20, 30, 70, 80), (1, 2, 30, 40)]]
+  many = list(runner.predict_many(zip(images, boxes), views=[0, 0.3, 1.0]))
+  assert len(many) == 3
+  for image, bxs, got in zip(images, boxes, many):
+    alone = runner.predict(image, bxs, views=[0, 0.3, 1.0])
+    assert [r["index"] for r in got] == list(range(len(bxs)))
+    assert [r["caption"] for r in got] == [r["caption"] for r in alone]
+    assert [r["box"] for r in got] == [r["box"] for r in alone]
+    np.testing.assert_allclose([r["caption_score"] for r in got],
+                               [r["caption_score"] for r in alone], rtol=1e-5)
+    np.testing.assert_allclose([[a["score"] for a in r["attributes"]] for r in got],
+                               [[a["score"] for a in r["attributes"]] for r in alone],
+                               rtol=1e-5, atol=1e-7)
   # The runner holds its layer stacks stacked (the forward slices them, no copy per call), and
   # predicts what the same weights in the per-layer layout predict.
   stacked = [p for p in functional.flatten(runner.params) if f"/{functional.STACKED}/" in p]
