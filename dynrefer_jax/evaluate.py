@@ -3,8 +3,9 @@ r"""Evaluation of a trained model on all four tasks.
   python -m dynrefer_jax.evaluate --config configs/synthetic.py --checkpoint DIR [--split test]
                                   [--out DIR]
 
-Runs the model once over each split (view selection as config.eval.view_selection) and feeds
-the cached predictions to the evaluators: region captioning (METEOR, CIDEr, BLEU-4, ROUGE-L),
+Runs the model once over each split (view selection as config.eval.view_selection; "task":
+one pass per task prior, each evaluator scored on its own task's views) and feeds the cached
+predictions to the evaluators: region captioning (METEOR, CIDEr, BLEU-4, ROUGE-L),
 dense captioning mAP (DenseCap protocol), attribute mAP (OVAD-style), recognition (accuracy,
 COCO mAP). Each split is scored by the evaluators config.eval.tasks names for it, else by
 every evaluator whose ground truth it carries. Writes results.json and results.md (each metric
@@ -36,6 +37,57 @@ EVALUATORS = ("region_caption", "dense_caption", "attributes", "recognition")
 def predict_split(predictor: Predictor, params, dataset) -> list[tuple[dict, dict]]:
   """[(batch, predictions)] over one pass of the dataset."""
   return [(batch, predictor(params, batch)) for batch in dataset]
+
+
+# config.eval.view_selection = "task": each evaluator reads predictions made with its task's
+# prior (predict.task_priors), the paper's Figure 4 finding (attributes with little context,
+# captions with t ≈ 0.4-0.5) in place of the image prior; one pass per distinct prior.
+EVALUATOR_TASK = {"region_caption": "caption", "dense_caption": "caption",
+                  "attributes": "attributes", "recognition": "category"}
+
+
+def views_by_evaluator(config) -> dict[str, tuple[float, ...]] | None:
+  """{evaluator: the t of its task prior} when config.eval.view_selection is "task"; None
+  otherwise (every evaluator reads the configured selection's predictions). ConfigError for a
+  task prior that is missing or malformed, or fixed views in the model config."""
+  if config.get("eval", {}).get("view_selection", "phash") != "task":
+    return None
+  from dynrefer_jax import predict  # pylint: disable=import-outside-toplevel
+  if config.model.get("fixed_ts", ()):
+    raise config_lib.ConfigError("config.eval.view_selection='task' conflicts with "
+                                 "config.model.fixed_ts (a model that always sees fixed views)")
+  try:
+    tasks = predict.task_priors(config)
+  except predict.PredictError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  missing = sorted({t for t in EVALUATOR_TASK.values()} - set(tasks))
+  if missing:
+    raise config_lib.ConfigError(f"config.eval.view_selection='task' needs the task priors "
+                                 f"{', '.join(missing)} in config.eval.task_ts")
+  return {name: tasks[task] for name, task in EVALUATOR_TASK.items()}
+
+
+def score_split(predictor_for, params, dataset, config, split: str, cfg=None, names=None
+                ) -> tuple[dict, list[str], list[tuple[dict, dict]]]:
+  """Scores one split: the evaluators `names` (default: evaluators_for on the first pass's
+  batches), each on the predictions of its views (views_by_evaluator; evaluators with the
+  same views share a pass).
+
+  predictor_for(ts): the Predictor for fixed views `ts`, or for None the configured selection.
+  `dataset` is re-iterable (one pass per distinct views). Returns (metrics, evaluator names,
+  the first pass's [(batch, predictions)])."""
+  views = views_by_evaluator(config)
+  key = (lambda name: views[name]) if views else (lambda name: None)
+  first = key((names or check_tasks(config).get(split, EVALUATORS))[0])
+  passes = {first: predict_split(predictor_for(first), params, dataset)}
+  names = list(names or evaluators_for(config, split, passes[first]))
+  results = {}
+  for views_key in dict.fromkeys(key(n) for n in names):
+    if views_key not in passes:
+      passes[views_key] = predict_split(predictor_for(views_key), params, dataset)
+    results.update(run_evaluators(passes[views_key], [n for n in names if key(n) == views_key],
+                                  cfg=cfg))
+  return results, names, passes[first]
 
 
 def evaluator_config(config) -> dict:
@@ -170,8 +222,13 @@ def results_table(results: dict, published: dict | None) -> str:
   lines = ["# Evaluation", ""]
   if results.get("step") is not None:
     lines += [f"Checkpoint step {results['step']}.", ""]
+  if results.get("views"):
+    lines += ["Views: task priors (config.eval.view_selection = 'task'): " + "; ".join(
+        f"{name} t = {', '.join(f'{t:g}' for t in ts)}"
+        for name, ts in results["views"].items()) + ".", ""]
   for split, metrics in results.items():
-    if not isinstance(metrics, dict) or split.endswith("/baseline") or split == "published":
+    if (not isinstance(metrics, dict) or split.endswith("/baseline")
+        or split in ("published", "views")):
       continue
     base = results.get(split + "/baseline", {})
     lines += [f"## Split `{split}`", "",
@@ -206,6 +263,7 @@ def main(argv=None) -> int:
     args = p.parse_args(rest)
     config = config_lib.load(spec or "configs/synthetic.py", overrides)
     check_tasks(config)
+    views_by_evaluator(config)
     root, _ = predict_lib.checkpoint_root(args.checkpoint)
     require_java_for(config, args.split or list(config.eval.splits))
   except (config_lib.ConfigError, predict_lib.PredictError, eval_common.MissingJava) as e:
@@ -218,15 +276,17 @@ def main(argv=None) -> int:
   except (data_setup.DataError, predict_lib.PredictError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)  # a missing data file or checkpoint piece: one line
     return 2
-  predictor = runner.predictor("auto")
+  predictor_for = lambda ts: runner.predictor("auto" if ts is None else ts)
   ev_cfg = evaluator_config(config)
   results = {"step": runner.step}
+  views = views_by_evaluator(config)
+  if views:
+    results["views"] = {name: list(ts) for name, ts in views.items()}
   synthetic = config.data.name == "synthetic"
   published = {}
   for split in args.split or list(config.eval.splits):
-    cached = predict_split(predictor, runner.params, data.eval_iterator(split))
-    names = evaluators_for(config, split, cached)
-    results[split] = run_evaluators(cached, names, cfg=ev_cfg)
+    results[split], names, cached = score_split(predictor_for, runner.params,
+                                                data.eval_iterator(split), config, split, ev_cfg)
     published[split] = published_for(config, split)
     if synthetic:
       from dynrefer_jax.data import sources  # pylint: disable=import-outside-toplevel

@@ -64,16 +64,31 @@ def checkpoint_steps(workdir: str) -> list[int]:
 OVER_TRAINING = ("region_caption", "attributes", "recognition")
 
 
+def predictors(state, config, data):
+  """predictor_for(ts) for evaluate.score_split: the Predictor of the configured view selection
+  (ts None) or of fixed views ts, each built (and compiled) once."""
+  built = {}
+
+  def predictor_for(ts):
+    if ts not in built:
+      built[ts] = Predictor(state.graphdef, config, data, fixed_ts=ts, groups=state.frozen_groups)
+    return built[ts]
+
+  return predictor_for
+
+
 def metrics_over_training(config, workdir: str, data, split: str = "val") -> list[dict]:
   """Evaluates every kept checkpoint on `split` (captioning, attributes, recognition): the
   rows of metrics_over_training.json and metrics.png. One model build, one compile."""
   ev_cfg = eval_lib.evaluator_config(config)
-  state, predictor, rows = None, None, []
+  state, predictor_for, rows = None, None, []
   for step in checkpoint_steps(workdir):
     state, _ = restore_params(config, workdir, data, step=step, state=state)
-    predictor = predictor or Predictor(state.graphdef, config, data, groups=state.frozen_groups)
-    cached = eval_lib.predict_split(predictor, state.held_params(), data.eval_iterator(split))
-    row = {"step": step, **eval_lib.run_evaluators(cached, OVER_TRAINING, cfg=ev_cfg)}
+    predictor_for = predictor_for or predictors(state, config, data)
+    metrics, _, _ = eval_lib.score_split(predictor_for, state.held_params(),
+                                         data.eval_iterator(split), config, split, ev_cfg,
+                                         names=OVER_TRAINING)
+    row = {"step": step, **metrics}
     rows.append({k: row[k] for k in ["step"] + [k for k, _ in HEADLINE if k in row]})
     print(f"[main] {split} at step {step}: " + ", ".join(
         f"{name} {row[k]:.1f}" for k, name in HEADLINE if k in row), flush=True)
@@ -85,7 +100,7 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
   data = data or data_setup.prepare(config, workdir)
   data_setup.resolve_vocab(config, data)
   state, step = restore_params(config, workdir, data)
-  predictor = Predictor(state.graphdef, config, data, groups=state.frozen_groups)
+  predictor_for = predictors(state, config, data)
   params = state.held_params()
   train_table = sources.SyntheticSource(data.root, "train").table
   train_summary = {"captions": list(train_table.caption), "category": train_table.category,
@@ -93,10 +108,9 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
   results = {"step": step}
   for split in splits or config.eval.splits:
     t0 = time.time()
-    cached = eval_lib.predict_split(predictor, params, data.eval_iterator(split))
     ev_cfg = eval_lib.evaluator_config(config)
-    names = eval_lib.evaluators_for(config, split, cached)
-    results[split] = eval_lib.run_evaluators(cached, names, cfg=ev_cfg)
+    results[split], names, cached = eval_lib.score_split(
+        predictor_for, params, data.eval_iterator(split), config, split, ev_cfg)
     results[split + "/baseline"] = eval_lib.baselines(train_summary, cached, cfg=ev_cfg,
                                                       names=names)
     results[split + "/seconds"] = time.time() - t0
@@ -313,6 +327,8 @@ def main(argv=None) -> int:
                for v in variants}
     # Before training, not after it: every split of the synthetic world is scored on captions.
     eval_common.require_java("the main job's evaluation (captions, with pycocoevalcap)")
+    for c in [config, *configs.values()]:
+      eval_lib.views_by_evaluator(c)  # a bad task-prior setting: one line now, not after training
   except (config_lib.ConfigError, ValueError, eval_common.MissingJava) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -95,3 +95,46 @@ def test_missing_java_is_one_line_before_any_work(smoke_workdir, tmp_path, capsy
   evaluate.require_java_for(vg, ["coco", "ovad"])
   with pytest.raises(common.MissingJava, match="dense_caption"):
     evaluate.require_java_for(vg, ["coco", "vg_dense"])
+
+
+def test_task_priors_score_each_evaluator_on_its_own_views(monkeypatch):
+  """view_selection "task": one pass per distinct task prior, each evaluator on the pass of its
+  task (captions: caption prior; attributes; recognition: category); otherwise one pass."""
+  config = config_lib.load(CONFIG)
+  batch = _batch([["a dog"], ["a cat"], ["x"]], [[1, -1], [0, 1], [-1, -1]], [0, 1, -1])[0]
+  passes, scored = [], {}
+
+  def predictor_for(ts):
+    def predictor(_params, _batch):
+      passes.append(ts)
+      return {"ts": ts}
+    return predictor
+
+  def fake_run(cached, names, cfg=None):
+    del cfg
+    for name in names:
+      scored[name] = cached[0][1]["ts"]
+    return {f"{n}/x": 1.0 for n in names}
+
+  monkeypatch.setattr(evaluate, "run_evaluators", fake_run)
+  results, names, _ = evaluate.score_split(predictor_for, None, [batch], config, "test")
+  assert names == list(evaluate.EVALUATORS) and passes == [None]
+  assert scored == dict.fromkeys(evaluate.EVALUATORS) and len(results) == 4
+
+  config.eval.view_selection = "task"
+  passes.clear()
+  evaluate.score_split(predictor_for, None, [batch], config, "test")
+  assert passes == [(0.0, 0.4, 0.5), (0.0, 0.1, 0.2), (0.0, 0.1, 0.5)]  # captions first
+  assert scored == {"region_caption": (0.0, 0.4, 0.5), "dense_caption": (0.0, 0.4, 0.5),
+                    "attributes": (0.0, 0.1, 0.2), "recognition": (0.0, 0.1, 0.5)}
+  passes.clear()  # named evaluators (the main job's curves over training)
+  evaluate.score_split(predictor_for, None, [batch], config, "val", names=["attributes"])
+  assert passes == [(0.0, 0.1, 0.2)]
+  # Bad settings are configuration errors, named.
+  config.eval.task_ts = {"caption": [0, 0.4, 0.5]}
+  with pytest.raises(config_lib.ConfigError, match="needs the task priors attributes, category"):
+    evaluate.views_by_evaluator(config)
+  config.eval.task_ts = None
+  config.model.fixed_ts = [0.0, 0.1, 0.2]
+  with pytest.raises(config_lib.ConfigError, match="conflicts with config.model.fixed_ts"):
+    evaluate.views_by_evaluator(config)
