@@ -1,7 +1,7 @@
 r"""Predict captions, tags, attributes and categories for boxes in your own image.
 
   python -m dynrefer_jax.predict --config configs/synthetic.py:smoke --checkpoint WORKDIR \
-      --image photo.jpg --box 10,20,200,180 [--box ...] [--views auto|0,0.3,0.6] [--out DIR]
+      --image photo.jpg --box 10,20,200,180 [--box ...] [--views auto|caption|0,0.3,0.6] [--out DIR]
 
   python -m dynrefer_jax.predict --config ... --checkpoint WORKDIR --regions regions.json
 
