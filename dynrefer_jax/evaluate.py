@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     args = p.parse_args(rest)
     config = config_lib.load(spec or "configs/synthetic.py", overrides)
     check_tasks(config)
-    views_by_evaluator(config)
+    views = views_by_evaluator(config)  # a bad task-prior setting: one line, before loading
     root, _ = predict_lib.checkpoint_root(args.checkpoint)
     require_java_for(config, args.split or list(config.eval.splits))
   except (config_lib.ConfigError, predict_lib.PredictError, eval_common.MissingJava) as e:
@@ -279,7 +279,6 @@ def main(argv=None) -> int:
   predictor_for = lambda ts: runner.predictor("auto" if ts is None else ts)
   ev_cfg = evaluator_config(config)
   results = {"step": runner.step}
-  views = views_by_evaluator(config)
   if views:
     results["views"] = {name: list(ts) for name, ts in views.items()}
   synthetic = config.data.name == "synthetic"

@@ -163,23 +163,18 @@ def stack_held(tree: dict, shardings, *, donate: bool = False) -> tuple[dict, An
   leaves = jax.tree.leaves(tree)
   if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
     return stack_layers(tree, groups, leaf_fn=stacked_abstract), stacked_shardings, groups
-  # Pair each group of per-layer leaves with its own sharding (the leaf_fn sees only leaves).
-  paired = jax.tree.map(lambda x, s: (x, s), tree, shardings,
-                        is_leaf=lambda x: isinstance(x, jax.Array))
-
-  def stack(pairs):
-    arrays, shards = zip(*pairs)
-    out = _stack_onto(list(arrays), stacked_sharding(list(shards)))
+  flat_shardings = flatten(stacked_shardings)
+  held = {}
+  # leaf_fn=list: each stacked path holds its per-layer arrays in layer order, stacked here.
+  for path, leaf in flatten(stack_layers(tree, groups, leaf_fn=list)).items():
+    if not isinstance(leaf, list):
+      held[path] = leaf
+      continue
+    held[path] = _stack_onto(leaf, flat_shardings[path])
     if donate:
-      for a in arrays:
-        if isinstance(a, jax.Array):
-          a.delete()
-    return out
-
-  held = stack_layers(paired, groups, leaf_fn=stack)
-  held = jax.tree.map(lambda x: x[0] if isinstance(x, tuple) else x, held,
-                      is_leaf=lambda x: isinstance(x, tuple))
-  return held, stacked_shardings, groups
+      for a in leaf:
+        a.delete()
+  return unflatten(held), stacked_shardings, groups
 
 
 @functools.partial(jax.jit, static_argnums=1)

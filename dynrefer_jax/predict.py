@@ -495,13 +495,13 @@ class Runner:
 
 # ------------------------------------------------------------------------------ many images
 
-def read_regions_file(path: str) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
+def read_regions_file(path: str) -> list[tuple[str, np.ndarray]]:
   """`--regions FILE`: a JSON list of {"image": path, "boxes": [[x1, y1, x2, y2], ...]} (image
   paths relative to the file's folder unless absolute; the same image may appear once).
 
   Every image is decoded and every box checked here, before any model work; PredictError names
-  the entry (1-based) and the image. Returns [(image path, float32[N, 4] boxes, (h, w))]; the
-  images are decoded again when predicted, so they are not all held in memory."""
+  the entry (1-based) and the image. Returns [(image path, float32[N, 4] boxes)]; the images
+  are decoded again when predicted, so they are not all held in memory."""
   try:
     with open(path, encoding="utf-8") as f:
       entries = json.load(f)
@@ -529,7 +529,7 @@ def read_regions_file(path: str) -> list[tuple[str, np.ndarray, tuple[int, int]]
       boxes = validate_boxes(entry["boxes"], image.shape[:2])
     except PredictError as e:
       raise PredictError(f"regions file {path}, entry {k} ({entry['image']}): {e}") from None
-    out.append((image_path, boxes, image.shape[:2]))
+    out.append((image_path, boxes))
   return out
 
 
@@ -639,12 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.regions and args.box:
       raise PredictError("--box goes with --image; with --regions the boxes are in the file")
     config = config_lib.load(spec, overrides)
+    # (path, boxes, the decoded image when already held: --image, else None: decoded again)
     if args.regions:
-      jobs = read_regions_file(args.regions)
+      jobs = [(path, boxes, None) for path, boxes in read_regions_file(args.regions)]
     else:
       image = load_image(args.image)
       jobs = [(args.image, validate_boxes([parse_box(b) for b in args.box], image.shape[:2]),
-               image.shape[:2])]
+               image)]
     views = parse_views(args.views, int(config.model.num_views), task_priors(config))
     checkpoint_root(args.checkpoint)
     if args.batch_size < 1:
@@ -662,8 +663,8 @@ def main(argv: list[str] | None = None) -> int:
   loaded = {}
 
   def items():  # images decoded as the batches need them; kept until written
-    for k, (path, boxes, _) in enumerate(jobs):
-      loaded[k] = load_image(path)
+    for k, (path, boxes, image) in enumerate(jobs):
+      loaded[k] = load_image(path) if image is None else image
       yield loaded[k], boxes.tolist()
 
   docs, stems = [], output_stems([j[0] for j in jobs])
