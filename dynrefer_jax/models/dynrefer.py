@@ -239,6 +239,28 @@ class DynRefer(nnx.Module):
                              self.attr_text_proj(text_embeds.astype(z.dtype)), normalize=True,
                              train=train, rngs=rngs)
 
+  def region_text_loss(self, z: jax.Array, text: jax.Array, mask=None, labels=None,
+                       weights=None, *, train=False, rngs=None) -> jax.Array:
+    """The SigLIP loss (unweighted) of regions Z float[B, Q, D] against their texts' embeddings
+    float[B, text_dim], both directions averaged; labels/weights as `sample_rtc_texts`.
+
+    The original gathers the *projected* embeddings (attr_vision_proj / attr_text_proj outputs)
+    across GPUs under no_grad (SPEC §7b, dynrefer_t5.py att_forward): in each direction only the
+    local side carries gradient, and each projection, like everything before it, is trained only
+    through the direction where it is local. stop_gradient after the projections reproduces
+    that over the global batch (config.model.loss.siglip_stop_gradient).
+    """
+    sg = jax.lax.stop_gradient if self.config.loss.siglip_stop_gradient else (lambda x: x)
+    scale, bias = jnp.exp(self.attr_t[...]), self.attr_b[...]
+    vis = self.attr_vision_proj(z)                                              # [B, Q, H]
+    txt = self.attr_text_proj(text.astype(z.dtype))                            # [B, H]
+    pair = lambda v, t: heads.pair_scores(self.attr_head, self.attr_fc, v, t, normalize=True,
+                                          train=train, rngs=rngs)
+    s_t2i = pair(vis, sg(txt))      # regions in rows; the region side trains
+    s_i2t = pair(sg(vis), txt)      # the text side trains; transposed below: texts in rows
+    return 0.5 * (losses.siglip_loss(s_t2i * scale + bias, mask, labels, weights)
+                  + losses.siglip_loss((s_i2t * scale + bias).T, mask, _t(labels), _t(weights)))
+
   def lm_inputs(self, z: jax.Array, control_ids: jax.Array, control_mask: jax.Array):
     """Projected queries + control-word embeddings (plus cem_memory) → T5 encoder inputs."""
     projected = self.t5_proj(z)                                       # [B, Q, d]
@@ -279,15 +301,7 @@ class DynRefer(nnx.Module):
     text = self.text_encoder(text_ids)
     if not c.train_text_encoder:
       text = jax.lax.stop_gradient(text)
-    # SigLIP over the global batch. The original gathers across GPUs under no_grad, so in each
-    # direction only one side carries gradient (SPEC §7b); stop_gradient reproduces that.
-    sg = jax.lax.stop_gradient if c.loss.siglip_stop_gradient else (lambda x: x)
-    scale, bias = jnp.exp(self.attr_t[...]), self.attr_b[...]
-    s_t2i = self.region_text_scores(z, sg(text), train=train, rngs=rngs)      # region side trains
-    s_i2t = self.region_text_scores(sg(z), text, train=train, rngs=rngs)      # text side trains
-    rtc_loss = 0.5 * (
-        losses.siglip_loss(s_t2i * scale + bias, mask, labels, weights)
-        + losses.siglip_loss((s_i2t * scale + bias).T, mask, _t(labels), _t(weights)))
+    rtc_loss = self.region_text_loss(z, text, mask, labels, weights, train=train, rngs=rngs)
 
     enc_in, enc_mask = self.lm_inputs(z, batch["control_ids"], batch["control_mask"])
     lm_loss, _ = self.t5_model(enc_in, enc_mask, batch["caption_ids"],
