@@ -63,3 +63,46 @@ def test_init_std_sets_the_kernel_scale():
                          init_std=std, rngs=nnx.Rngs(0))
     k = np.asarray(qf.layers[0].crossattention.value.kernel[...])
     assert abs(k.std() - std) < 0.1 * std, (k.std(), std)
+
+
+def test_training_dropout_sits_where_berts_does(monkeypatch):
+  """In training, the layer drops attention probabilities (BERT's attention_probs_dropout_prob,
+  0.1 in the original's tag_bert_config) and the attention and FFN outputs (hidden dropout):
+  with the same masks, the decoder equals the PyTorch BERT layer masked at those three places."""
+  b, k, m, dim, nh, rate = 2, 3, 5, 8, 2, 0.25
+  rng = np.random.default_rng(1)
+  masks = {(b, nh, k, m): [rng.random((b, nh, k, m)) > rate],
+           (b, k, dim): [rng.random((b, k, dim)) > rate, rng.random((b, k, dim)) > rate]}
+  calls = []
+
+  def fake_dropout(x, r, rngs, deterministic):
+    assert r == rate and rngs is not None and not deterministic
+    mask = masks[tuple(x.shape)][sum(c == tuple(x.shape) for c in calls)]
+    calls.append(tuple(x.shape))
+    return jnp.where(mask, x / (1 - r), 0).astype(x.dtype)
+
+  monkeypatch.setattr(heads.layers, "dropout", fake_dropout)
+  layer = heads.CrossAttentionLayer(dim, nh, 16, dropout=rate, rngs=nnx.Rngs(0), init_std=0.3)
+  x = rng.normal(size=(b, k, dim)).astype(np.float32)
+  mem = rng.normal(size=(b, m, dim)).astype(np.float32)
+  got = layer(jnp.asarray(x), jnp.asarray(mem), train=True, rngs=nnx.Rngs(dropout=0))
+  assert calls == [(b, nh, k, m), (b, k, dim), (b, k, dim)]
+
+  _, p, _ = functional.split(layer)
+  t = lambda a: torch.tensor(np.asarray(a))
+  lin = lambda v, d: v @ t(d["kernel"]) + t(d["bias"])
+  ln = lambda v, d: torch.nn.functional.layer_norm(v, (dim,), t(d["scale"]), t(d["bias"]),
+                                                   eps=1e-12)
+  drop = lambda v, mask: v * torch.tensor(mask) / (1 - rate)
+  hd = dim // nh
+  xt, mt = torch.tensor(x), torch.tensor(mem)
+  q = lin(xt, p["query"]).view(b, k, nh, hd).transpose(1, 2)
+  kk = lin(mt, p["key"]).view(b, m, nh, hd).transpose(1, 2)
+  v = lin(mt, p["value"]).view(b, m, nh, hd).transpose(1, 2)
+  probs = drop(torch.softmax(q @ kk.transpose(-1, -2) / hd ** 0.5, -1), masks[(b, nh, k, m)][0])
+  a = (probs @ v).transpose(1, 2).reshape(b, k, dim)
+  h = ln(xt + drop(lin(a, p["attn_out"]), masks[(b, k, dim)][0]), p["attn_ln"])
+  f = drop(lin(torch.nn.functional.gelu(lin(h, p["intermediate"])), p["output"]),
+           masks[(b, k, dim)][1])
+  ref = ln(h + f, p["output_ln"])
+  np.testing.assert_allclose(np.asarray(got), ref.numpy(), rtol=1e-5, atol=1e-5)

@@ -3,7 +3,9 @@
 Both heads are the RAM / Query2Label style BERT with self-attention removed: text queries
 cross-attend to the 32 region tokens through `num_layers` layers of
 [cross-attention → Add & LayerNorm → FFN (exact GELU) → Add & LayerNorm]. Weights follow BERT's
-init (normal(0, 0.02), zero bias). Layer names mirror the original's
+init (normal(0, 0.02), zero bias). Dropout (`dropout`, 0.1 in the original's tag_bert_config) acts
+where BERT's does: on the attention probabilities (attention_probs_dropout_prob) and on the
+attention and FFN outputs (hidden_dropout_prob). Layer names mirror the original's
 `{tag,attr}_head.encoder.layer.{i}.{crossattention,intermediate,output}`.
 """
 
@@ -44,7 +46,11 @@ class CrossAttentionLayer(nnx.Module):
     q = self.query(x).reshape(b, k, h, d // h)
     kk = self.key(memory).reshape(b, memory.shape[1], h, d // h)
     v = self.value(memory).reshape(b, memory.shape[1], h, d // h)
-    a = layers.dot_product_attention(q, kk, v).reshape(b, k, d)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, kk).astype(jnp.float32) * (d // h) ** -0.5
+    probs = jax.nn.softmax(logits, axis=-1)
+    # BERT drops attention probabilities too, not only the block outputs.
+    probs = layers.dropout(probs, self.dropout, rngs, not train).astype(v.dtype)
+    a = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, k, d)
     a = layers.dropout(self.attn_out(a), self.dropout, rngs, not train)
     x = self.attn_ln(x + a)
     f = self.output(layers.gelu_exact(self.intermediate(x)))
