@@ -129,7 +129,10 @@ def real_data(train: str = "", splits: dict | None = None) -> ml_collections.Con
       tag_list="", max_tags=4585, ovad_annotations="", class_names="", fixture=False,
       # Views are cut on the device from the image padded to max_image_size² (COCO's 640 px
       # images are kept whole; larger ones are shrunk, their boxes with them).
-      max_image_size=640, caption_len=32, control_len=32, text_len=77))
+      max_image_size=640, caption_len=32, control_len=32, text_len=77,
+      # Training control-word candidates: the tag sets and the caption's noun/adjective-led
+      # phrases (SPEC §7c; data/control_words.py). False: the tag sets alone.
+      control_phrases=True))
 
 
 def smoke_real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

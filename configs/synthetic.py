@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.model.tag_threshold = 0.8
   c.data = dict(name="synthetic", dir="", seed=0, image_size=96, max_image_size=96,
                 num_images=dict(train=600, val=40, test=80, heldout=40),
-                caption_len=16, control_len=16, text_len=16)
+                caption_len=16, control_len=16, text_len=16, control_phrases=True)
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.01
   c.optim.schedule = "per_step"

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynrefer_jax import functional
+from dynrefer_jax.data import captions as captions_lib
+from dynrefer_jax.data import control_words
 from dynrefer_jax.views import boxes as view_boxes
 from dynrefer_jax.views import select as views
 
@@ -61,11 +63,10 @@ class Predictor:
     self._caption = jax.jit(caption)
 
   def control_strings(self, tag_scores: np.ndarray) -> list[str]:
-    out = []
-    for row in tag_scores:
-      words = sorted(set(self.tag_names[row > self.tag_threshold].tolist()))
-      out.append(",".join(words) + "|")
-    return out
+    """The control string of each row: its tags with σ > tag_threshold (strictly, as the
+    original's `> tag_thr`), sorted."""
+    return [control_words.inference_control_words(self.tag_names[row > self.tag_threshold])
+            for row in tag_scores]
 
   def __call__(self, params, batch: dict) -> dict:
     keys = ("image", "image_hw", "box")
@@ -78,11 +79,10 @@ class Predictor:
     heads = self._heads(params, {k: batch[k] for k in keys})
     tag_scores = np.asarray(heads["tag_scores"])
     controls = self.control_strings(tag_scores)
-    d = self.config.data
-    enc = self.data.tokenizer(controls, max_length=d.control_len, truncation=True,
-                              padding="max_length")
-    ids, scores = self._caption(params, heads["z"], jnp.asarray(enc["input_ids"], jnp.int32),
-                                jnp.asarray(enc["attention_mask"], bool))
+    control_ids, control_mask = captions_lib.tokenize(self.data.tokenizer, controls,
+                                                      self.config.data.control_len)
+    ids, scores = self._caption(params, heads["z"], jnp.asarray(control_ids),
+                                jnp.asarray(control_mask))
     captions = self.data.tokenizer.batch_decode(np.asarray(ids), skip_special_tokens=True)
     return {"caption": [c.strip() for c in captions],
             "caption_score": np.exp(np.asarray(scores, np.float64)),

@@ -58,12 +58,3 @@ def test_tokenize_appends_eos_truncates_and_pads(tokenizer_dir):
     n = len(ref)
     assert list(row[:n]) == ref and m[:n].all() and not m[n:].any() and (row[n:] == 0).all()
   assert mask[2].all()  # the long one is truncated to exactly max_len
-
-
-def test_caption_targets_preprocess_first(tokenizer_dir):
-  tok = captions.load_tokenizer(tokenizer_dir)
-  a, ma = captions.caption_targets(tok, ["A Man; in a WHITE shirt!!"])
-  b, mb = captions.tokenize(tok, ["a man in a white shirt"])
-  assert a.shape == (1, captions.MAX_TOKENS)
-  np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(ma, mb)

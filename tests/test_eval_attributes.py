@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
+import jax
+import jax.numpy as jnp
+
 from dynrefer_jax.evaluators import attributes
+from dynrefer_jax.models import heads
 
 # The reference implementation (test-only dependency: requirements-test.txt).
 from sklearn import metrics as sklearn_metrics  # pylint: disable=g-import-not-at-top
@@ -88,8 +92,13 @@ def test_attribute_scores_max_over_templates():
   owner = np.array([0, 0, 1, 1, 1, 2, 2])
   scores = np.array([[0.1, 0.7, 0.2, 0.9, 0.3, 0.5, 0.4],
                      [0.8, 0.6, 0.1, 0.1, 0.2, 0.0, 0.3]])
-  out = attributes.attribute_scores_from_templates(scores, owner)
-  np.testing.assert_allclose(out, [[0.7, 0.9, 0.5], [0.8, 0.2, 0.3]])
+  # The function DynRefer.predict_heads scores attributes with (jitted there, static owner).
+  out = jax.jit(lambda x: heads.max_over_templates(x, owner))(jnp.asarray(scores, jnp.float32))
+  np.testing.assert_allclose(out, [[0.7, 0.9, 0.5], [0.8, 0.2, 0.3]], rtol=1e-7)
+  # An attribute no template scores gets -inf.
+  gap = heads.max_over_templates(jnp.asarray(scores[:, :2], jnp.float32), np.array([0, 2]))
+  np.testing.assert_allclose(np.asarray(gap), [[0.1, -np.inf, 0.7], [0.8, -np.inf, 0.6]],
+                             rtol=1e-7)
 
 
 def test_evaluator_drops_padding_and_uses_freq_set():

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynrefer_jax.data import pipeline, sources, synthetic
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
+from dynrefer_jax.data import control_words, pipeline, sources, synthetic
 from dynrefer_jax.data import tokenizer as tok_lib
 
 S = 96          # max_image_size (the world's images are 80 px high, 60-80 px wide)
@@ -93,42 +96,123 @@ def test_rows_match_annotations(world, train, tok, annotations):
     assert [a["attributes"][n_] for n_ in names] == batch["attributes"][i].tolist()
 
 
-def test_control_words(train, tok, annotations):
-  batches = _take(_train(train, tok), 8)
-  only_bar = total = 0
-  for batch in batches:
+def _words(text: bytes) -> list[str]:
+  body = text.decode()
+  assert body.endswith("|") and body.count("|") == 1
+  return body[:-1].split(",") if body != "|" else []
+
+
+def _candidates(train, row) -> set[str]:
+  """The original's candidates: tag_set1 ∪ tag_set2 ∪ the caption's phrases."""
+  tags = [train.table.tag_vocab[t] for t in train.table.tag_ids[row]]
+  return set(tags) | set(control_words.caption_phrases(train.table.caption[row]))
+
+
+def test_control_words(train, tok):
+  row_of = {int(r): i for i, r in enumerate(train.table.region_id)}
+  only_bar = total = phrase_only = 0
+  for batch in _take(_train(train, tok), 8):
     for i in range(G):
-      a = annotations["by_id"][int(batch["region_id"][i])]
-      toks = tok.convert_ids_to_tokens(batch["control_ids"][i][batch["control_mask"][i] > 0])
-      assert toks[-2:] == ["|", "</s>"]
-      words = [w for w in " ".join(toks[:-2]).split(" , ") if w]
-      assert len(set(words)) == len(words) and set(words) <= set(a["tags"])
+      row = row_of[int(batch["region_id"][i])]
+      words = _words(batch["control_text"][i])
+      assert len(set(words)) == len(words) and set(words) <= _candidates(train, row)
+      tags = {train.table.tag_vocab[t] for t in train.table.tag_ids[row]}
+      phrase_only += bool(set(words) - tags)
       only_bar += not words
       total += 1
-  # P("|" alone) = 0.5 + 0.5 * 0.5^#tags ~ 0.5 for ~5-9 tags.
+  # P("|" alone) = 0.5 + 0.5 * 0.5^#candidates ~ 0.5 for ~5-10 candidates.
   assert 0.38 < only_bar / total < 0.66
+  assert phrase_only > 0  # phrases that are not tags do get drawn
 
 
 def test_control_words_keep_rate_and_shuffle(train, tok):
-  """Each candidate tag survives with p = 0.5 (no full drop) * 0.5 (kept) = 0.25 (bound: > 4
+  """Each candidate survives with p = 0.5 (no full drop) * 0.5 (kept) = 0.25 (bound: > 4
   sigma of the per-row-correlated draw), and the kept words are shuffled: rows with several
-  words show both the candidates' stored order and other orders."""
+  words show both the candidates' sorted order and other orders."""
   row_of = {int(r): i for i, r in enumerate(train.table.region_id)}
   kept = candidates = in_order = out_of_order = 0
   for batch in _take(_train(train, tok), 8):
     for i in range(G):
       row = row_of[int(batch["region_id"][i])]
-      order = [train.table.tag_vocab[t] for t in train.table.tag_ids[row]]
-      toks = tok.convert_ids_to_tokens(batch["control_ids"][i][batch["control_mask"][i] > 0])
-      words = [w for w in " ".join(toks[:-2]).split(" , ") if w]
+      words = _words(batch["control_text"][i])
       kept += len(words)
-      candidates += len(order)
+      candidates += len(_candidates(train, row))
       if len(words) >= 2:
-        stored = [w for w in order if w in words]
-        in_order += words == stored
-        out_of_order += words != stored
+        in_order += words == sorted(words)
+        out_of_order += words != sorted(words)
   assert abs(kept / candidates - 0.25) < 0.08, kept / candidates
   assert in_order > 0 and out_of_order > 0, (in_order, out_of_order)
+
+
+def test_control_phrases_off_leaves_the_tag_sets(train, tok):
+  row_of = {int(r): i for i, r in enumerate(train.table.region_id)}
+  for batch in _take(_train(train, tok, control_phrases=False), 4):
+    for i in range(G):
+      row = row_of[int(batch["region_id"][i])]
+      tags = {train.table.tag_vocab[t] for t in train.table.tag_ids[row]}
+      assert set(_words(batch["control_text"][i])) <= tags
+
+
+@pytest.fixture(scope="module")
+def spm_dir(world, tmp_path_factory):
+  """A T5-style SentencePiece tokenizer trained on the world's captions and tags: spiece.model
+  + tokenizer_config.json naming T5Tokenizer, as a flan-t5 folder holds them."""
+  d = tmp_path_factory.mktemp("spm")
+  meta = synthetic.load_meta(world)
+  texts = [a["caption"] for a in synthetic.load_split(world, "train")["annotations"]]
+  texts += meta["tags"] + ["man,white shirt|", "|", "a,b|"]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts * 5), model_prefix=str(d / "spiece"), vocab_size=120,
+      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+      eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
+  (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer",
+                                                       "extra_ids": 0}))
+  return d
+
+
+def _sp_ids(sp, text, length):
+  """SentencePiece's own ids of `text` as T5 feeds them: at most length-1 pieces, then
+  `</s>` (1), zero-padded."""
+  ids = sp.encode(text)[:length - 1] + [1]
+  return ids + [0] * (length - len(ids))
+
+
+def test_training_control_ids_are_the_ids_of_the_whole_control_string(train, spm_dir):
+  """With a SentencePiece tokenizer loaded as T5 loads it, every example's control ids are the
+  tokenizer's ids of its control string tokenised whole (as the original and our inference
+  do), which differ from the tags tokenised one by one and joined with "," / "|" ids."""
+  tok = AutoTokenizer.from_pretrained(str(spm_dir), local_files_only=True)
+  assert type(tok).__name__.startswith("T5Tokenizer")
+  sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spiece.model"))
+  batch = next(_train(train, tok))
+  length = batch["control_ids"].shape[1]
+  piecewise_differs = 0
+  for i in range(G):
+    text = batch["control_text"][i].decode()
+    want = _sp_ids(sp, text, length)
+    assert batch["control_ids"][i].tolist() == want, text
+    assert batch["control_ids"][i].tolist() == tok(
+        text, max_length=length, truncation=True, padding="max_length")["input_ids"]
+    np.testing.assert_array_equal(batch["control_mask"][i], np.asarray(want) != 0)
+    # The old way: each word alone, joined by the standalone ids of "," and "|".
+    comma, bar = sp.encode(",")[-1], sp.encode("|")[-1]
+    old = []
+    for j, w in enumerate(_words(batch["control_text"][i])):
+      old += ([comma] if j else []) + sp.encode(w)
+    old = (old + [bar])[:length - 1] + [1]
+    piecewise_differs += old != [x for x in want if x]
+  assert piecewise_differs > 0
+
+
+def test_evaluation_control_ids_are_the_ids_of_the_bar(world, spm_dir):
+  tok = AutoTokenizer.from_pretrained(str(spm_dir), local_files_only=True)
+  sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spiece.model"))
+  val = sources.SyntheticSource(world, "val")
+  batch = next(iter(pipeline.make_eval_iterator(val, global_batch_size=8, tokenizer=tok,
+                                                max_image_size=S)))
+  want = _sp_ids(sp, "|", batch["control_ids"].shape[1])
+  for row in batch["control_ids"]:
+    assert row.tolist() == want
 
 
 def test_same_order_twice_and_seed_matters(train, tok):

@@ -56,10 +56,3 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int = MAX_TOKENS
   mask = np.asarray(enc["attention_mask"], bool)
   pad = tokenizer.pad_token_id
   return np.where(mask, ids, pad).astype(np.int32), mask
-
-
-def caption_targets(tokenizer, captions: Sequence[str], max_len: int = MAX_TOKENS
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Raw captions -> LM targets (pre_caption, then tokenize with `</s>`, <= max_len tokens).
-  The mask marks the positions the loss counts (the original's pad -> -100)."""
-  return tokenize(tokenizer, [pre_caption(c) for c in captions], max_len)

@@ -8,8 +8,8 @@ the whole stream is a pure function of (seed, step): two runs give the same orde
 built with `start_step=k` yields exactly batches k, k+1, ... (the iterator position saved with a
 checkpoint is just the step), and in every step the processes read disjoint rows that together
 form the global batch. The remainder of each epoch (N mod G rows, different rows each epoch) is
-dropped. Control words (SPEC §7c) are drawn with stateless RNGs seeded by (seed, epoch, row), so
-they are reproducible and resumable too.
+dropped. Control words (SPEC §7c) are drawn on the host by numpy generators seeded by (seed,
+epoch, row), so they are reproducible and resumable too, and tokenised as whole strings.
 
 Images stay at their stored resolution unless a side exceeds `max_image_size` (then they are
 resized down keeping the aspect ratio, and the box with them), and are zero-padded bottom/right
@@ -20,10 +20,13 @@ TensorFlow is kept off the accelerators (it would otherwise grab GPU memory).
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from dynrefer_jax.data import captions as captions_lib
+from dynrefer_jax.data import control_words
 from dynrefer_jax.data import sources as sources_lib
 
 _tf = None
@@ -44,24 +47,10 @@ def _tensorflow():
 
 
 FULL_DROP_PROB = 0.5  # SPEC §7c `full_drop_ratio`: the control string is just "|".
-KEEP_PROB = 0.5       # each candidate word kept independently.
+KEEP_PROB = 0.5       # each candidate word kept independently (1 - the original's drop_ratio).
 
 
 # ----------------------------------------------------------------------------- tokenisation
-
-
-def _pad_ids(seqs: list[list[int]], length: int, eos_id: int) -> np.ndarray:
-  """int32[N, length]: each sequence truncated to length-1 tokens, `</s>` appended, 0-padded."""
-  out = np.zeros((len(seqs), length), np.int32)
-  for i, s in enumerate(seqs):
-    s = list(s[:length - 1]) + [eos_id]
-    out[i, :len(s)] = s
-  return out
-
-
-def _encode(tokenizer, texts, length: int) -> np.ndarray:
-  ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
-  return _pad_ids(ids, length, tokenizer.eos_token_id)
 
 
 def _trim(ids: np.ndarray) -> np.ndarray:
@@ -80,17 +69,13 @@ def _ragged(rows: list, tf):
   return tf.RaggedTensor.from_row_splits(tf.constant(flat, tf.int32), tf.constant(splits))
 
 
-def _single_id(tokenizer, text: str) -> int:
-  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-  return ids[-1]  # sentencepiece may prefix a "▁" piece; the symbol is the last one
-
-
 class _Tables:
   """Per-source constants, tokenised once on the host and captured by the tf.data graph."""
 
   def __init__(self, table: sources_lib.RegionTable, tokenizer, caption_len, control_len,
-               text_len, text_tokenizer=None):
+               text_len, text_tokenizer=None, control_phrases=True):
     tf = _tensorflow()
+    self.table = table
     self.n = len(table)
     self.num_tags = len(table.tag_vocab)
     self.image_path = tf.constant(table.image_path.astype(str))
@@ -98,9 +83,10 @@ class _Tables:
     self.region_id = tf.constant(table.region_id)
     self.box = tf.constant(table.box)
     self.caption_len, self.text_len = caption_len, text_len
-    self.caption_ids = tf.constant(_trim(_encode(tokenizer, table.caption, caption_len)))
+    encode = lambda texts, length: captions_lib.tokenize(tokenizer, texts, length)[0]
+    self.caption_ids = tf.constant(_trim(encode(table.caption, caption_len)))
     if text_tokenizer is None:  # one tokenizer for the LM and the text tower (synthetic world)
-      text_ids = _encode(tokenizer, table.caption, text_len)
+      text_ids = encode(table.caption, text_len)
     else:  # the text tower's own (CLIP BPE: SOT ... EOT, zero-padded)
       text_ids = np.asarray(text_tokenizer(list(table.caption), text_len), np.int32)
       text_ids = text_ids.reshape(len(table.caption), text_len)
@@ -108,40 +94,38 @@ class _Tables:
     self.category = tf.constant(table.category)
     self.attributes = tf.constant(table.attributes)
     self.tag_ids = _ragged(table.tag_ids, tf) if self.n else None
-    vocab = list(table.tag_vocab) or ["<none>"]
-    tag_tokens = tokenizer(vocab, add_special_tokens=False)["input_ids"]
-    self.tag_tokens = tf.ragged.constant(tag_tokens, dtype=tf.int32, row_splits_dtype=tf.int64)
-    self.comma = _single_id(tokenizer, ",")
-    self.bar = _single_id(tokenizer, "|")
-    self.eos = tokenizer.eos_token_id
+    self.tokenizer = tokenizer
     self.control_len = control_len
+    self.control_phrases = control_phrases
+    # Evaluation control words: "|" tokenised as the string it is (the model substitutes its
+    # predicted tags).
+    self.empty_control = encode([control_words.END], control_len)[0]
+    # A fast tokenizer's truncation / padding state is shared: one caller at a time (the
+    # pipeline's map runs in several threads).
+    self._lock = threading.Lock()
+
+  def control(self, row, seed):
+    """Training control words of table row `row` (SPEC §7c): the string drawn from the row's
+    candidates with the generator of `seed` (int[3]: seed, epoch, row), and its ids: the
+    tokenizer's ids of that whole string (int32[control_len], `</s>` appended, 0-padded)."""
+    row = int(row)
+    tags = [self.table.tag_vocab[k] for k in self.table.tag_ids[row]]
+    phrases = (control_words.caption_phrases(str(self.table.caption[row]))
+               if self.control_phrases else [])
+    text = control_words.training_control_words(
+        control_words.candidate_words(tags, phrases),
+        np.random.default_rng([int(s) for s in seed]),
+        full_drop_ratio=FULL_DROP_PROB, keep_ratio=KEEP_PROB)
+    with self._lock:
+      ids = captions_lib.tokenize(self.tokenizer, [text], self.control_len)[0][0]
+    return ids, np.bytes_(text.encode("utf-8"))
 
 
-def _control_ids(t: _Tables, tag_ids, seed):
-  """Training control words (SPEC §7c) as token ids: "|" with p = FULL_DROP_PROB, otherwise each
-  candidate tag kept with p = KEEP_PROB, shuffled, joined by ","; then "|" and `</s>`."""
+def _control_ids(t: _Tables, row, seed):
+  """(int32[control_len] ids, string) of the training control words; see `_Tables.control`."""
   tf = _tensorflow()
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  n = tf.shape(tag_ids)[0]
-  keep = tf.random.stateless_uniform([n], seeds[0]) < KEEP_PROB
-  keep &= tf.random.stateless_uniform([], seeds[1]) >= FULL_DROP_PROB
-  order = tf.argsort(tf.random.stateless_uniform([n], seeds[2]))
-  kept = tf.boolean_mask(tf.gather(tag_ids, order), tf.gather(keep, order))
-  words = tf.gather(t.tag_tokens, kept)                           # ragged [m, None]
-  m = tf.shape(kept)[0]
-  commas = tf.RaggedTensor.from_tensor(tf.fill([m, 1], t.comma))
-  tokens = tf.concat([words, commas], axis=1).flat_values[:-1]   # drop the last ","
-  tokens = tf.concat([tokens, [t.bar]], 0)[:t.control_len - 1]
-  tokens = tf.concat([tokens, [t.eos]], 0)
-  pad = t.control_len - tf.shape(tokens)[0]
-  ids = tf.pad(tokens, [[0, pad]])
-  return tf.ensure_shape(ids, [t.control_len])
-
-
-def _empty_control(t: _Tables):
-  """Evaluation control words: "|" (the model substitutes its predicted tags)."""
-  tf = _tensorflow()
-  return tf.constant([t.bar, t.eos] + [0] * (t.control_len - 2), tf.int32)
+  ids, text = tf.numpy_function(t.control, [row, seed], [tf.int32, tf.string], stateful=False)
+  return tf.ensure_shape(ids, [t.control_len]), tf.ensure_shape(text, [])
 
 
 def _pad_to(ids, length: int):
@@ -170,11 +154,11 @@ def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
   tags = tf.gather(t.tag_ids, row) if t.tag_ids is not None else tf.zeros([0], tf.int32)
   multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
   if control_seed is None:
-    control = _empty_control(t)
+    control, control_text = tf.constant(t.empty_control, tf.int32), None
   else:
-    control = _control_ids(t, tags, control_seed)
+    control, control_text = _control_ids(t, row, control_seed)
   caption_ids = _pad_to(t.caption_ids[row], t.caption_len)
-  return {
+  ex = {
       "image": tf.ensure_shape(image, [s, s, 3]),
       "image_hw": new_hw,
       "box": box,
@@ -187,6 +171,9 @@ def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
       "category": t.category[row],
       "attributes": t.attributes[row],
   }
+  if control_text is not None:
+    ex["control_text"] = control_text
+  return ex
 
 
 def _options(ds):
@@ -201,12 +188,15 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
                         tokenizer, max_image_size: int, process_index: int = 0,
                         process_count: int = 1, start_step: int = 0, caption_len: int = 32,
                         control_len: int = 32, text_len: int = 32, prefetch: int = 2,
-                        with_ids: bool = False, text_tokenizer=None
-                        ) -> Iterator[dict[str, np.ndarray]]:
+                        with_ids: bool = False, text_tokenizer=None,
+                        control_phrases: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator of this process's training batches (dict of numpy arrays, B = global /
   process_count rows), starting at global step `start_step`. See the module docstring.
 
-  with_ids: also yield `image_id` and `region_id` (int64[B]), for tests and debugging.
+  with_ids: also yield `image_id`, `region_id` (int64[B]) and `control_text` (bytes[B]: the
+    control string whose tokens are `control_ids`), for tests and debugging.
+  control_phrases: the caption's noun/adjective-led phrases are control-word candidates besides
+    its tags (the original; config.data.control_phrases).
   text_tokenizer: `f(texts, length) -> int[N, length]` for `text_ids` (the text tower's CLIP
     BPE, tokenizers/clip_bpe.ClipTokenizer); None: `tokenizer` as for the captions.
   """
@@ -218,7 +208,8 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
   if steps_per_epoch < 1:
     raise ValueError(f"{n} examples cannot fill one global batch of {global_batch_size}")
   local = global_batch_size // process_count
-  t = _Tables(source.table, tokenizer, caption_len, control_len, text_len, text_tokenizer)
+  t = _Tables(source.table, tokenizer, caption_len, control_len, text_len, text_tokenizer,
+              control_phrases)
 
   def example(counter):
     step, r = counter // local, counter % local
@@ -226,12 +217,13 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
     position = j * global_batch_size + process_index * local + r
     epoch_seed = tf.stack([tf.cast(seed, tf.int64), epoch])
     row = tf.random.experimental.index_shuffle(position, epoch_seed, n - 1)
-    control_seed = tf.random.experimental.stateless_fold_in(
-        tf.stack([tf.cast(seed, tf.int64) + 1, epoch]), row)
+    control_seed = tf.stack([tf.cast(seed, tf.int64), epoch, row])
     ex = _load_row(t, row, max_image_size, control_seed)
     ex["mask"] = tf.constant(True)  # training batches are never padded
+    control_text = ex.pop("control_text")
     if with_ids:
       ex["image_id"], ex["region_id"] = t.image_id[row], t.region_id[row]
+      ex["control_text"] = control_text
     return ex
 
   ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max)

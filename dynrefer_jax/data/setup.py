@@ -115,7 +115,8 @@ def _prepare_synthetic(config, workdir: str) -> Data:
   def train_iterator(start_step: int = 0):
     return pipeline.make_train_iterator(train_source, global_batch_size=config.train.batch_size,
                                         seed=config.seed, process_index=pidx,
-                                        process_count=pcount, start_step=start_step, **kw)
+                                        process_count=pcount, start_step=start_step,
+                                        control_phrases=d.get("control_phrases", True), **kw)
 
   def eval_iterator(split: str, batch_size: int | None = None):
     bs = batch_size or config.get("eval", {}).get("batch_size", config.train.batch_size)
@@ -416,7 +417,8 @@ def _prepare_real(config, workdir: str) -> Data:
       raise DataError("no training split: set --config.data.train=DATASET/SPLIT (e.g. vg/train)")
     return pipeline.make_train_iterator(
         sources.TableSource(train_table), global_batch_size=config.train.batch_size,
-        seed=config.seed, process_index=pidx, process_count=pcount, start_step=start_step, **kw)
+        seed=config.seed, process_index=pidx, process_count=pcount, start_step=start_step,
+        control_phrases=d.get("control_phrases", True), **kw)
 
   def eval_iterator(split: str, batch_size: int | None = None):
     if split == "train" and train_table is not None:

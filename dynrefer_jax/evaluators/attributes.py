@@ -53,30 +53,6 @@ def ovad_templates(attributes: Sequence[Mapping[str, Any]]) -> tuple[list[str], 
   return templates, np.asarray(owner, np.int32)
 
 
-def attribute_scores_from_templates(template_scores: np.ndarray,
-                                    template_to_attribute: np.ndarray,
-                                    num_attributes: int | None = None) -> np.ndarray:
-  """Attribute score = max over its templates' scores.
-
-  Args:
-    template_scores: float[..., T] (sigmoid scores in the original).
-    template_to_attribute: int[T] attribute index per template.
-    num_attributes: A; default max index + 1.
-
-  Returns:
-    float[..., A]; -inf for an attribute without templates.
-  """
-  template_scores = np.asarray(template_scores)
-  owner = np.asarray(template_to_attribute)
-  num_attributes = int(owner.max()) + 1 if num_attributes is None else num_attributes
-  out = np.full(template_scores.shape[:-1] + (num_attributes,), -np.inf, template_scores.dtype)
-  for a in range(num_attributes):
-    cols = owner == a
-    if cols.any():
-      out[..., a] = template_scores[..., cols].max(axis=-1)
-  return out
-
-
 def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
   """AP as `sklearn.metrics.average_precision_score` (binary): sum_k (R_k - R_{k-1}) P_k.
 

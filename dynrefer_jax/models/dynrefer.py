@@ -333,9 +333,7 @@ class DynRefer(nnx.Module):
     tables = self.text_tables()
     tag_scores = jax.nn.sigmoid(self.tag_logits(z, tables))
     templ = jax.nn.sigmoid(self.region_text_scores(z, tables["attributes"]))     # [B, T]
-    t2a = np.asarray(template_to_attribute)          # static: which attribute each template scores
-    onehot = jnp.asarray(np.eye(int(t2a.max()) + 1, dtype=bool)[t2a])           # [T, A]
-    attr = jnp.max(jnp.where(onehot[None], templ[:, :, None], -jnp.inf), axis=1)
+    attr = heads.max_over_templates(templ, template_to_attribute)
     classes = self.region_text_scores(z, tables["classes"])
     return {"z": z, "tag_scores": tag_scores, "attribute_scores": attr, "class_scores": classes}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dynrefer_jax.models import layers
@@ -94,3 +95,13 @@ def pair_scores(decoder: CrossAttentionDecoder, fc: layers.Dense, memory: jax.Ar
     out32 = out.astype(jnp.float32)
     out = (out32 / jnp.maximum(jnp.linalg.norm(out32, axis=-1, keepdims=True), 1e-12)).astype(out.dtype)
   return fc(out)[..., 0].astype(jnp.float32)
+
+
+def max_over_templates(template_scores: jax.Array, template_to_attribute) -> jax.Array:
+  """Attribute score = the max over its templates' scores (the original's OVAD scoring, SPEC
+  §7b). template_scores: float[B, T]; template_to_attribute: int[T] (static numpy: which
+  attribute each template scores). Returns float[B, A], A = max index + 1; −inf for an
+  attribute without templates."""
+  t2a = np.asarray(template_to_attribute)
+  onehot = jnp.asarray(np.eye(int(t2a.max()) + 1, dtype=bool)[t2a])            # [T, A]
+  return jnp.max(jnp.where(onehot[None], template_scores[:, :, None], -jnp.inf), axis=1)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynrefer_jax import losses
 from dynrefer_jax.models import layers
 
 
@@ -167,10 +168,8 @@ class Llama(nnx.Module):
                            p - 1 + jnp.arange(1, labels.shape[1])[None].repeat(
                                labels.shape[0], 0)], 1)
     logits = jnp.take_along_axis(all_logits, src[..., None], 1)
-    logp = jax.nn.log_softmax(logits, -1)
-    nll = -jnp.take_along_axis(logp, jnp.where(label_mask, labels, 0)[..., None], -1)[..., 0]
-    m = label_mask.astype(jnp.float32)
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0), logits
+    labels = jnp.where(label_mask, labels, 0)
+    return losses.token_cross_entropy(logits, labels, label_mask), logits
 
   # ----------------------------------------------------------------------------- decoding
   def decode_start(self, prefix_embeds: jax.Array, prefix_mask: jax.Array,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynrefer_jax import losses
 from dynrefer_jax.models import layers
 
 
@@ -278,10 +279,7 @@ class T5(nnx.Module):
     decoder_input_ids = jnp.concatenate([start, labels[:, :-1]], axis=1)
     enc = self.encode(inputs_embeds, mask, train=train, rngs=rngs)
     logits = self.decode(decoder_input_ids, enc, mask, train=train, rngs=rngs)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    m = label_mask.astype(jnp.float32)
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0), logits
+    return losses.token_cross_entropy(logits, labels, label_mask), logits
 
   # ----------------------------------------------------------------------------- decoding
   def decode_start(self, encoder_states: jax.Array, encoder_mask: jax.Array,
