@@ -2,8 +2,9 @@
 
 References are independent of the code under test: the 1-device run of the same step, each
 array's own byte count, SPEC §9's parameter split and PERFORMANCE.md's FLOP table.
-The mesh equivalence compiles the train step four times (minutes on 2 shared cores): it is
+The mesh equivalence compiles the train step six times (minutes on 2 shared cores): it is
 `slow` (bash test.sh -m slow tests/test_scale.py). The (2,2,2) run also turns remat on.
+Meshes: one axis at a time (8,1,1), two (2,4,1), and all three (2,2,2), (1,2,4), (4,1,2).
 """
 
 import jax
@@ -109,7 +110,7 @@ def test_mesh_2x2x2_matches_one_device(devices8, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1)])
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (1, 2, 4), (4, 1, 2)])
 def test_mesh_matches_one_device(devices8, reference, mesh):
   _assert_same_run(run_steps(tiny_config(mesh), devices8, make_batches(3)), reference)
 
