@@ -40,7 +40,9 @@ def get_config(arg=None):
   c.eval = dict(batch_size=64, view_selection="phash", splits=list(SPLITS),
                 tasks=dict(refcocog=["region_caption"]),
                 evaluators=dict(region_caption=dict(key="image_id")),
-                published="refcocog")
+                published="refcocog",
+                # configs/eval/refcoco/refcocog_reg.yaml (docs/SPEC_NOTES.md)
+                protocol=dict(refcocog=dict(tag_threshold=0.76)))
   if arg == "smoke":
     common.smoke_real(c)
   elif arg:

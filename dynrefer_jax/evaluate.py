@@ -8,7 +8,9 @@ one pass per task prior, each evaluator scored on its own task's views) and feed
 predictions to the evaluators: region captioning (METEOR, CIDEr, BLEU-4, ROUGE-L),
 dense captioning mAP (DenseCap protocol), attribute mAP (OVAD-style), recognition (accuracy,
 COCO mAP). Each split is scored by the evaluators config.eval.tasks names for it, else by
-every evaluator whose ground truth it carries. Writes results.json and results.md (each metric
+every evaluator whose ground truth it carries, and predicted under its protocol: the tag
+threshold and beam-search settings of config.model, replaced by config.eval.protocol[split]
+(the original's per-split eval configs; results.md records each split's). Writes results.json and results.md (each metric
 beside the published figure of SPEC §14 that config.eval.published names for the split, and the
 trivial baselines on the synthetic world) into
 --out, by default the checkpoint directory. DIR: a training workdir or a
@@ -29,6 +31,7 @@ from dynrefer_jax import config_lib
 from dynrefer_jax.evaluators import common as eval_common
 # Registration side effects: each module registers its evaluator.
 from dynrefer_jax.evaluators import attributes, dense_caption, recognition, region_caption  # noqa: F401  pylint: disable=unused-import
+from dynrefer_jax import inference
 from dynrefer_jax.inference import Predictor
 
 EVALUATORS = ("region_caption", "dense_caption", "attributes", "recognition")
@@ -73,11 +76,13 @@ def score_split(predictor_for, params, dataset, config, split: str, cfg=None, na
   batches), each on the predictions of its views (views_by_evaluator; evaluators with the
   same views share a pass).
 
-  predictor_for(ts): the Predictor for fixed views `ts`, or for None the configured selection.
-  `dataset` is re-iterable (one pass per distinct views). Returns (metrics, evaluator names,
+  predictor_for(ts): the Predictor for fixed views `ts`, or for None the configured selection;
+  it runs under the split's protocol (`split_protocol_of`). `dataset` is re-iterable (one pass per distinct views). Returns (metrics, evaluator names,
   the first pass's [(batch, predictions)])."""
   views = views_by_evaluator(config)
   key = (lambda name: views[name]) if views else (lambda name: None)
+  split_protocol = split_protocol_of(config, split)
+  predictor_for = (lambda ts, base=predictor_for: base(ts).with_protocol(split_protocol))
   first = key((names or check_tasks(config).get(split, EVALUATORS))[0])
   passes = {first: predict_split(predictor_for(first), params, dataset)}
   names = list(names or evaluators_for(config, split, passes[first]))
@@ -88,6 +93,38 @@ def score_split(predictor_for, params, dataset, config, split: str, cfg=None, na
     results.update(run_evaluators(passes[views_key], [n for n in names if key(n) == views_key],
                                   cfg=cfg))
   return results, names, passes[first]
+
+
+def split_protocol_of(config, split: str) -> dict:
+  """The split's inference protocol (inference.protocol: config.model's tag threshold and
+  beam-search settings, replaced by config.eval.protocol[split]); ConfigError for an unknown
+  key."""
+  try:
+    return inference.protocol(config, split)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
+def check_protocol(config, splits) -> dict[str, dict]:
+  """{split: its protocol} for the splits evaluated; ConfigError for an unknown key, or a
+  config.eval.protocol entry naming no split of config.eval.splits / config.data.splits."""
+  named = dict(config.eval.get("protocol", None) or {})
+  known = set(config.eval.get("splits", ())) | set(dict(config.data.get("splits", {}) or {}))
+  stray = sorted(set(named) - known - set(splits))
+  if stray:
+    raise config_lib.ConfigError(f"config.eval.protocol names unknown split(s) "
+                                 f"{', '.join(stray)} (splits: {', '.join(sorted(known))})")
+  return {split: split_protocol_of(config, split) for split in splits}
+
+
+def protocol_line(p: dict, view_selection: str) -> str:
+  """One line of results.md: the protocol a split was evaluated with."""
+  views = {"phash": "pHash image prior", "task": "task priors", "fixed": "fixed views"}
+  return (f"Protocol: tag threshold {p['tag_threshold']:g} (σ above it → control words); "
+          f"beam search {p['num_beams']} beams, at most {p['max_new_tokens']} new tokens, "
+          f"min length {p['min_length']}, length penalty {p['length_penalty']:g}, repetition "
+          f"penalty {p['repetition_penalty']:g}; views: "
+          f"{views.get(view_selection, view_selection)}.")
 
 
 def evaluator_config(config) -> dict:
@@ -228,11 +265,14 @@ def results_table(results: dict, published: dict | None) -> str:
         for name, ts in results["views"].items()) + ".", ""]
   for split, metrics in results.items():
     if (not isinstance(metrics, dict) or split.endswith("/baseline")
-        or split in ("published", "views")):
+        or split in ("published", "views", "protocol")):
       continue
     base = results.get(split + "/baseline", {})
-    lines += [f"## Split `{split}`", "",
-              "| metric | ours | published (README) | paper | trivial baseline |",
+    lines += [f"## Split `{split}`", ""]
+    split_protocol = results.get("protocol", {}).get(split)
+    if split_protocol:
+      lines += [protocol_line(split_protocol, split_protocol.get("views", "phash")), ""]
+    lines += ["| metric | ours | published (README) | paper | trivial baseline |",
               "|---|---|---|---|---|"]
     figures = published.get(split)
     for key in sorted(metrics):
@@ -264,6 +304,7 @@ def main(argv=None) -> int:
     config = config_lib.load(spec or "configs/synthetic.py", overrides)
     check_tasks(config)
     views = views_by_evaluator(config)  # a bad task-prior setting: one line, before loading
+    protocols = check_protocol(config, args.split or list(config.eval.splits))
     root, _ = predict_lib.checkpoint_root(args.checkpoint)
     require_java_for(config, args.split or list(config.eval.splits))
   except (config_lib.ConfigError, predict_lib.PredictError, eval_common.MissingJava) as e:
@@ -281,6 +322,8 @@ def main(argv=None) -> int:
   results = {"step": runner.step}
   if views:
     results["views"] = {name: list(ts) for name, ts in views.items()}
+  view_selection = config.eval.get("view_selection", "phash")
+  results["protocol"] = {split: dict(p, views=view_selection) for split, p in protocols.items()}
   synthetic = config.data.name == "synthetic"
   published = {}
   for split in args.split or list(config.eval.splits):

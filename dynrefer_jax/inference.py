@@ -3,9 +3,14 @@
 Two jitted stages with a short host step between them, as the original: the predicted tags
 (σ > tag_threshold) become the control string "w1,w2|" — sorted here, so outputs are
 deterministic (the original's set order is not; SPEC §7c).
+
+The protocol (tag threshold and beam-search settings) is config.model's, replaced per evaluation
+split by config.eval.protocol[split] (the original's per-split eval configs: `protocol`).
 """
 
 from __future__ import annotations
+
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +23,29 @@ from dynrefer_jax.views import boxes as view_boxes
 from dynrefer_jax.views import select as views
 
 
+GENERATE_KEYS = ("num_beams", "max_new_tokens", "min_length", "length_penalty",
+                 "repetition_penalty")
+PROTOCOL_KEYS = ("tag_threshold",) + GENERATE_KEYS
+
+
+def protocol(config, split: str | None = None) -> dict:
+  """The inference protocol: {"tag_threshold", "num_beams", "max_new_tokens", "min_length",
+  "length_penalty", "repetition_penalty"} from config.model (tag_threshold, generate), with
+  config.eval.protocol[split] replacing any of them for that split. ValueError names an unknown
+  key."""
+  m = config.model
+  out = {"tag_threshold": float(m.tag_threshold), **dict(m.generate)}
+  per_split = config.get("eval", {}).get("protocol", None) or {}
+  if split is not None and split in per_split:
+    over = dict(per_split[split] or {})
+    unknown = sorted(set(over) - set(PROTOCOL_KEYS))
+    if unknown:
+      raise ValueError(f"config.eval.protocol.{split} has unknown key(s) {', '.join(unknown)} "
+                       f"(known: {', '.join(PROTOCOL_KEYS)})")
+    out.update(over)
+  return out
+
+
 class Predictor:
   """predict(params, batch) → {"caption", "caption_score", "tag_scores", "attribute_scores",
   "class_scores", "ts", "tags"} as numpy / lists, one row per batch row."""
@@ -26,22 +54,21 @@ class Predictor:
                fixed_ts=None, groups=()):
     """groups: the layer stacks `params` holds stacked (functional.stack_layers; Runner.load and
     the trainer's state hold them so): sliced per layer inside jit, with no copy of the weights
-    per call; () for per-layer params."""
+    per call; () for per-layer params. The protocol is `protocol(config)`; `with_protocol`
+    gives a split's."""
     self.config = config
     self.data = data
     m = config.model
     self.tag_names = np.asarray(data.tag_names)
-    self.tag_threshold = float(m.tag_threshold)
     method = view_selection or config.get("eval", {}).get("view_selection", "phash")
     fixed = tuple(fixed_ts or m.get("fixed_ts", ()) or ())
     if fixed:
       method = "fixed"
     num_views = m.num_views
     t2a = np.asarray(data.template_to_attribute)
-    gen = dict(m.generate)
     tok = data.tokenizer
-    gen.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-               decoder_start_token_id=tok.pad_token_id)
+    special = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
 
     def select(batch):
       if method == "fixed":
@@ -55,12 +82,33 @@ class Predictor:
       out["ts"] = ts
       return out
 
-    def caption(params, z, control_ids, control_mask):
-      model = functional.merge(graphdef, params, groups)
-      return model.caption(z, control_ids, control_mask, **gen)
+    def make_caption(gen):
+      def caption(params, z, control_ids, control_mask):
+        model = functional.merge(graphdef, params, groups)
+        return model.caption(z, control_ids, control_mask, **gen, **special)
+      return jax.jit(caption)
 
     self._heads = jax.jit(heads)
-    self._caption = jax.jit(caption)
+    self._make_caption = make_caption
+    self._captions = {}  # beam-search settings → compiled function, shared by with_protocol
+    self._set_protocol(protocol(config))
+
+  def _set_protocol(self, p: dict) -> None:
+    self.protocol = dict(p)
+    self.tag_threshold = float(p["tag_threshold"])
+    gen = tuple(sorted((k, p[k]) for k in GENERATE_KEYS if k in p))
+    if gen not in self._captions:
+      self._captions[gen] = self._make_caption(dict(gen))
+    self._caption = self._captions[gen]
+
+  def with_protocol(self, p: dict) -> "Predictor":
+    """This predictor under protocol `p` (`protocol(config, split)`): the heads' compiled
+    function is shared, the captioning one per distinct beam-search setting."""
+    if p == self.protocol:
+      return self
+    other = copy.copy(self)
+    other._set_protocol(p)  # pylint: disable=protected-access
+    return other
 
   def control_strings(self, tag_scores: np.ndarray) -> list[str]:
     """The control string of each row: its tags with σ > tag_threshold (strictly, as the

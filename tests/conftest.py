@@ -51,3 +51,14 @@ def smoke_workdir(tmp_path_factory):
   summary = train.train(config_lib.load(os.path.join(ROOT, "configs", "synthetic.py:smoke")),
                         str(workdir), progress=False)
   return workdir, summary
+
+
+@pytest.fixture(scope="session")
+def vg_smoke_workdir(tmp_path_factory):
+  """configs/dynrefer_vg.py:smoke trained for its 2 steps on the real-format fixture, once per
+  test session (the smoke-mode test and the per-split evaluation protocol test share it)."""
+  from dynrefer_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("vg_smoke_workdir")
+  summary = train.train(config_lib.load(os.path.join(ROOT, "configs", "dynrefer_vg.py:smoke")),
+                        str(workdir), progress=False)
+  return workdir, summary

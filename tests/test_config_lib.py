@@ -56,8 +56,10 @@ def test_every_config_runs_two_steps_in_smoke_mode(path, tmp_path, request):
   from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
   c = config_lib.load(path + ":smoke")
   assert c.train.steps == 2
-  if os.path.basename(path) == "synthetic.py":  # the session's shared smoke run (conftest.py)
+  if os.path.basename(path) == "synthetic.py":  # the session's shared smoke runs (conftest.py)
     workdir, summary = request.getfixturevalue("smoke_workdir")
+  elif os.path.basename(path) == "dynrefer_vg.py":
+    workdir, summary = request.getfixturevalue("vg_smoke_workdir")
   else:
     workdir, summary = tmp_path, train.train(c, str(tmp_path), progress=False)
   assert summary["steps"] == 2

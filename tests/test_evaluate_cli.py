@@ -1,6 +1,7 @@
 """`python -m dynrefer_jax.evaluate`: bad input is one line / exit 2; the results table sets
 each metric beside SPEC §14's published figure."""
 
+import json
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ from dynrefer_jax import config_lib, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
+VG = os.path.join(ROOT, "configs", "dynrefer_vg.py")
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -104,11 +106,18 @@ def test_task_priors_score_each_evaluator_on_its_own_views(monkeypatch):
   batch = _batch([["a dog"], ["a cat"], ["x"]], [[1, -1], [0, 1], [-1, -1]], [0, 1, -1])[0]
   passes, scored = [], {}
 
-  def predictor_for(ts):
-    def predictor(_params, _batch):
-      passes.append(ts)
-      return {"ts": ts}
-    return predictor
+  class Predictor:
+    def __init__(self, ts):
+      self.ts = ts
+
+    def with_protocol(self, _):
+      return self
+
+    def __call__(self, _params, _batch):
+      passes.append(self.ts)
+      return {"ts": self.ts}
+
+  predictor_for = Predictor
 
   def fake_run(cached, names, cfg=None):
     del cfg
@@ -138,3 +147,63 @@ def test_task_priors_score_each_evaluator_on_its_own_views(monkeypatch):
   config.model.fixed_ts = [0.0, 0.1, 0.2]
   with pytest.raises(config_lib.ConfigError, match="conflicts with config.model.fixed_ts"):
     evaluate.views_by_evaluator(config)
+
+
+def test_vg_evaluates_each_split_under_its_protocol_in_one_run(vg_smoke_workdir, tmp_path,
+                                                              monkeypatch):
+  """configs/dynrefer_vg.py carries the original's per-split eval configs: one evaluate run
+  predicts vg_dense with tag threshold 0.7 and vg_reg with 0.8 (ovad / coco: the model's), and
+  results.md / results.json record each split's protocol."""
+  workdir, _ = vg_smoke_workdir
+  used = []
+  real = evaluate.predict_split
+
+  def spy(predictor, params, dataset):
+    cached = real(predictor, params, dataset)
+    used.append(predictor.tag_threshold)
+    for batch, preds in cached:  # the control words are the tags above that threshold
+      for i in np.flatnonzero(batch["mask"]):
+        above = predictor.tag_names[preds["tag_scores"][i] > predictor.tag_threshold]
+        assert sorted(preds["tags"][i]) == sorted(above.tolist())
+    return cached
+
+  monkeypatch.setattr(evaluate, "predict_split", spy)
+  out = tmp_path / "eval"
+  assert evaluate.main(["--config", VG + ":smoke", "--checkpoint", str(workdir),
+                        "--out", str(out)]) == 0
+  toy = config_lib.load(VG + ":smoke").model.tag_threshold
+  assert used == [0.7, 0.8, toy, toy]           # vg_dense, vg_reg, ovad, coco
+  results = json.load(open(out / "results.json"))
+  assert {s: p["tag_threshold"] for s, p in results["protocol"].items()} == {
+      "vg_dense": 0.7, "vg_reg": 0.8, "ovad": toy, "coco": toy}
+  for split in ("vg_dense", "vg_reg"):
+    assert results["protocol"][split]["num_beams"] == 2
+  md = open(out / "results.md").read()
+  for split, thr in (("vg_dense", "0.7"), ("vg_reg", "0.8")):
+    section = md.split(f"## Split `{split}`")[1].split("## Split")[0]
+    assert f"Protocol: tag threshold {thr} " in section
+    assert "beam search 2 beams, at most 16 new tokens" in section   # the toy's generate
+
+
+def test_protocol_keys_and_splits_are_checked(capsys):
+  with pytest.raises(config_lib.ConfigError, match="unknown key.*tag_thresh"):
+    evaluate.check_protocol(_with_protocol({"vg_reg": {"tag_thresh": 0.8}}), ["vg_reg"])
+  with pytest.raises(config_lib.ConfigError, match="unknown split.*vg_regg"):
+    evaluate.check_protocol(_with_protocol({"vg_regg": {"tag_threshold": 0.8}}), ["vg_reg"])
+  p = evaluate.check_protocol(config_lib.load(VG), ["vg_dense", "vg_reg", "coco"])
+  assert [p[s]["tag_threshold"] for s in ("vg_dense", "vg_reg", "coco")] == [0.7, 0.8, 0.7]
+  assert all(p[s]["max_new_tokens"] == 20 and p[s]["repetition_penalty"] == 1.5 for s in p)
+  ref = evaluate.check_protocol(config_lib.load(os.path.join(ROOT, "configs",
+                                                             "dynrefer_refcocog.py")),
+                                ["refcocog"])
+  assert ref["refcocog"]["tag_threshold"] == 0.76
+  argv = ["--config", VG, "--checkpoint", "/nonexistent", "--config.eval.protocol.vg_reg."
+          "tag_threshold=high"]
+  assert evaluate.main(argv) == 2
+  assert capsys.readouterr().err.count("\n") == 1
+
+
+def _with_protocol(protocol):
+  c = config_lib.load(VG)
+  c.eval.protocol = protocol
+  return c
