@@ -38,8 +38,10 @@ def full_model() -> ml_collections.ConfigDict:
       # class prompts / attribute templates instead of its caption (multi-positive labels).
       # 0 = the original (captions only); the synthetic world, with no pretrained text tower,
       # uses it in place of CLIP pretraining (the original's unused attr_pos_templates).
+      # tag_regions: the ASL sum is per this many regions (the original's 64 per GPU, its
+      # 8 GPUs' gradients averaged), whatever the global batch and the device count.
       loss=dict(lm=1.0, tag=0.01, rtc=0.5, siglip_stop_gradient=True, rtc_prompt_prob=0.0,
-                asl=dict(gamma_neg=7.0, gamma_pos=0.0, clip=0.05)),
+                tag_regions=64, asl=dict(gamma_neg=7.0, gamma_pos=0.0, clip=0.05)),
       generate=dict(num_beams=2, max_new_tokens=20, min_length=1, repetition_penalty=1.5,
                     length_penalty=0.0),
       tag_threshold=0.7,

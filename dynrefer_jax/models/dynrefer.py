@@ -289,7 +289,12 @@ class DynRefer(nnx.Module):
     tables = self.text_tables()
 
     tag_logits = self.tag_logits(z, tables, train=train, rngs=rngs)
-    tag_loss = losses.asymmetric_loss(tag_logits, batch["tags"], mask=mask, **c.loss.asl)
+    # The original sums ASL over each GPU's regions (64) and DDP averages the 8 GPUs' gradients:
+    # the sum over the global batch times tag_regions / (regions in it), for any batch size
+    # and device count (config.model.loss.tag_regions).
+    regions = b if mask is None else jnp.maximum(mask.astype(jnp.float32).sum(), 1.0)
+    tag_loss = (losses.asymmetric_loss(tag_logits, batch["tags"], mask=mask, **c.loss.asl)
+                * (c.loss.tag_regions / regions))
 
     text_ids, labels, weights = batch["text_ids"], None, None
     prompt_prob = c.loss.get("rtc_prompt_prob", 0.0)
