@@ -14,6 +14,11 @@ def full_model() -> ml_collections.ConfigDict:
   """The full-size DynRefer: EVA ViT-g/14, BLIP-2 Q-Former, EVA-CLIP text tower, FlanT5-XL."""
   return ml_collections.ConfigDict(dict(
       dtype="bfloat16",
+      # Per-stage compute dtypes as the original evaluates (SPEC §1, §4, §12): the ViT in fp16,
+      # RoI-Align / aligner / fusion / Q-Former in fp32, heads and T5 under bf16 autocast.
+      # fp16 becomes bf16 off GPUs (models/dynrefer.stage_dtypes); "" = dtype.
+      precision=dict(vit="float16", region="float32", heads="bfloat16", lm="bfloat16",
+                     text="bfloat16"),
       num_views=3,
       fixed_ts=(),            # non-empty: always these t (ablations), else t=0 + random / pHash
       ln_vision_eps=1e-5,
@@ -57,6 +62,7 @@ def toy_model(vocab_size: int = AUTO) -> ml_collections.ConfigDict:
   """Every stage of DynRefer at a size that trains in seconds on a CPU."""
   m = full_model()
   m.dtype = "float32"
+  m.precision = dict(vit="", region="", heads="", lm="", text="")  # all float32 (dtype)
   m.num_query_tokens = 8
   # Trained from scratch: 2-D sincos positions (EVA's 0.02 init leaves a bag of patches).
   m.vit = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,

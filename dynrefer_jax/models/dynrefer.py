@@ -31,6 +31,39 @@ def _dtype(name: str | None):
   return None if name in (None, "", "none") else jnp.dtype(name)
 
 
+# config.model.precision: the compute dtype of each stage ("" = config.model.dtype).
+#   vit:    the ViT (and ln_vision's output);
+#   region: RoI-Align, aligner, fusion MLP, Q-Former (Z);
+#   heads:  the tag and region-text heads with their projections;
+#   lm:     t5_proj and the language model;
+#   text:   the text tower (caption embeddings, and the tag / attribute / class tables).
+PRECISION_STAGES = ("vit", "region", "heads", "lm", "text")
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def stage_dtypes(config, platform: str | None = None) -> dict:
+  """{stage: compute dtype or None (the input's)} from config.model.precision / dtype.
+
+  float16 needs a GPU: on other platforms (TPU, CPU: no fast fp16 matmul) it becomes bfloat16,
+  as the README states. platform: `_platform()` unless given."""
+  platform = platform or _platform()
+  precision = dict(config.get("precision", None) or {})
+  unknown = sorted(set(precision) - set(PRECISION_STAGES))
+  if unknown:
+    raise ValueError(f"config.model.precision has unknown stage(s) {', '.join(unknown)} "
+                     f"(stages: {', '.join(PRECISION_STAGES)})")
+  out = {}
+  for stage in PRECISION_STAGES:
+    dtype = _dtype(precision.get(stage) or config.get("dtype"))
+    if dtype == jnp.float16 and platform != "gpu":
+      dtype = jnp.dtype(jnp.bfloat16)
+    out[stage] = dtype
+  return out
+
+
 def _t(x):
   return None if x is None else x.T
 
@@ -105,11 +138,11 @@ class DynRefer(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, text_token_ids: dict, *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    dtype = _dtype(c.get("dtype"))
+    self.dtypes = dt = stage_dtypes(c)
     vit = dict(c.vit)
     width = vit["width"]
     scan = bool(c.get("scan_layers", False))  # repeated blocks under lax.scan
-    self.visual_encoder = eva_vit.VisionTransformer(**vit, scan_layers=scan, dtype=dtype,
+    self.visual_encoder = eva_vit.VisionTransformer(**vit, scan_layers=scan, dtype=dt["vit"],
                                                     fp8=fp8.vit_enabled(c), rngs=rngs)
     self.ln_vision = layers.LayerNorm(width, eps=c.ln_vision_eps, rngs=rngs)
     if c.num_views > 1:
@@ -118,21 +151,23 @@ class DynRefer(nnx.Module):
             if k != "kind" and (c.aligner.kind == "dcnv4" or k != "groups")}
       self.cvem_align = aligner_lib.build_aligner(c.aligner.kind, channels=width, **kw,
                                                   rngs=rngs)
-    self.cvem_mlp = fusion.FusionMLP(width, c.num_views, rngs=rngs, dtype=dtype,
+    self.cvem_mlp = fusion.FusionMLP(width, c.num_views, rngs=rngs, dtype=dt["region"],
                                      init=c.get("fusion_init", "torch"))
     q = c.qformer
     self.query_tokens = layers.param(rngs, layers.normal(q.get("init_std", 0.02)),
                                      (c.num_query_tokens, q.hidden),
                                      ("query", "embed"))
-    self.Qformer = qformer.QFormer(**q, encoder_width=width, scan_layers=scan, dtype=dtype,  # pylint: disable=invalid-name
+    self.Qformer = qformer.QFormer(**q, encoder_width=width, scan_layers=scan,  # pylint: disable=invalid-name
+                                   dtype=dt["region"],
                                    rngs=rngs)
 
     h = c.head
     text_dim = c.text.output_dim
     head_kw = dict(hidden=h.hidden, num_layers=h.num_layers, num_heads=h.num_heads,
                    mlp_dim=h.mlp_dim, dropout=h.dropout, init_std=h.get("init_std", 0.02),
-                   dtype=dtype, rngs=rngs)
-    dense = lambda i, o, axes=("embed", "mlp"): layers.Dense(i, o, rngs=rngs, axes=axes, dtype=dtype)
+                   dtype=dt["heads"], rngs=rngs)
+    dense = lambda i, o, axes=("embed", "mlp"), dtype=dt["heads"]: layers.Dense(
+        i, o, rngs=rngs, axes=axes, dtype=dtype)
     self.tag_vision_proj = dense(q.hidden, h.hidden)
     self.tag_text_proj = dense(text_dim, h.hidden)
     self.tag_head = heads.CrossAttentionDecoder(**head_kw)
@@ -148,11 +183,11 @@ class DynRefer(nnx.Module):
     self.attr_b = nnx.Param(jnp.asarray(c.loss.get("rtc_b_init", -10.0), jnp.float32),
                             out_sharding=())
 
-    self.text_encoder = text_tower.TextTransformer(**c.text, scan_layers=scan, dtype=dtype,
+    self.text_encoder = text_tower.TextTransformer(**c.text, scan_layers=scan, dtype=dt["text"],
                                                    rngs=rngs)
     lm = c.lm
-    self.t5_model = t5_lib.T5(**lm, scan_layers=scan, dtype=dtype, rngs=rngs)
-    self.t5_proj = dense(q.hidden, lm.d_model)
+    self.t5_model = t5_lib.T5(**lm, scan_layers=scan, dtype=dt["lm"], rngs=rngs)
+    self.t5_proj = dense(q.hidden, lm.d_model, dtype=dt["lm"])
     self.cem_memory = nnx.Param(jnp.zeros((lm.d_model,), jnp.float32), out_sharding=("embed",))
 
     ids = {k: jnp.asarray(v, jnp.int32) for k, v in text_token_ids.items()}
@@ -193,10 +228,14 @@ class DynRefer(nnx.Module):
     c = self.config
     b, v, s = pixels.shape[:3]
     frozen_vit = not c.train_vision_encoder
-    x = pixels.reshape((b * v,) + pixels.shape[2:])             # region-major: region·V + view
-    x = sharding.constrain(x, ("batch", None, None, None))
+    dt = self.dtypes
+    x = pixels.astype(dt["vit"] or pixels.dtype).reshape((b * v,) + pixels.shape[2:])
+    x = sharding.constrain(x, ("batch", None, None, None))      # region-major: region·V + view
     feats = self.visual_encoder(x, train=train, rngs=rngs)      # [B·V, 1+P, C]
+    # ln_vision in float32, its output back in the ViT's dtype (LAVIS's LayerNorm), then in the
+    # region stages' dtype (the original's evaluation casts the ViT output to float32).
     feats = self.ln_vision(feats.astype(jnp.float32)).astype(feats.dtype)
+    feats = feats.astype(dt["region"] or feats.dtype)
     if frozen_vit:
       feats = jax.lax.stop_gradient(feats)
     cls, patches = feats[:, :1], feats[:, 1:]
@@ -283,8 +322,7 @@ class DynRefer(nnx.Module):
     ts = self.train_views(view_rng, b) if train else batch["ts"]
     pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
                                        c.vit.image_size)
-    z = self.encode_views(pixels.astype(c.get("dtype") or jnp.float32), vboxes, train=train,
-                          rngs=rngs)
+    z = self.encode_views(pixels, vboxes, train=train, rngs=rngs)
     mask = batch.get("mask")
     tables = self.text_tables()
 
@@ -334,7 +372,7 @@ class DynRefer(nnx.Module):
     c = self.config
     pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
                                        c.vit.image_size)
-    z = self.encode_views(pixels.astype(c.get("dtype") or jnp.float32), vboxes)
+    z = self.encode_views(pixels, vboxes)
     tables = self.text_tables()
     tag_scores = jax.nn.sigmoid(self.tag_logits(z, tables))
     templ = jax.nn.sigmoid(self.region_text_scores(z, tables["attributes"]))     # [B, T]
