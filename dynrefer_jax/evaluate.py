@@ -10,10 +10,10 @@ dense captioning mAP (DenseCap protocol), attribute mAP (OVAD-style), recognitio
 COCO mAP). Each split is scored by the evaluators config.eval.tasks names for it, else by
 every evaluator whose ground truth it carries, and predicted under its protocol: the tag
 threshold and beam-search settings of config.model, replaced by config.eval.protocol[split]
-(the original's per-split eval configs; results.md records each split's). Writes results.json and results.md (each metric
-beside the published figure of SPEC §14 that config.eval.published names for the split, and the
-trivial baselines on the synthetic world) into
---out, by default the checkpoint directory. DIR: a training workdir or a
+(the original's per-split eval configs; results.md records each split's). Writes results.json
+and results.md (each metric beside the published figure of SPEC §14 that config.eval.published
+names for the split, and the trivial baselines on the synthetic world) into --out, by default
+the checkpoint directory. DIR: a training workdir or a
 tools/convert_checkpoint.py output (see dynrefer_jax.predict).
 """
 
@@ -77,8 +77,9 @@ def score_split(predictor_for, params, dataset, config, split: str, cfg=None, na
   same views share a pass).
 
   predictor_for(ts): the Predictor for fixed views `ts`, or for None the configured selection;
-  it runs under the split's protocol (`split_protocol_of`). `dataset` is re-iterable (one pass per distinct views). Returns (metrics, evaluator names,
-  the first pass's [(batch, predictions)])."""
+  it runs under the split's protocol (`split_protocol_of`). `dataset` is re-iterable (one pass
+  per distinct views). Returns (metrics, evaluator names, the first pass's [(batch,
+  predictions)])."""
   views = views_by_evaluator(config)
   key = (lambda name: views[name]) if views else (lambda name: None)
   split_protocol = split_protocol_of(config, split)

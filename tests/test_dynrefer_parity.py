@@ -68,6 +68,14 @@ def setup():
   cfg = configs_common.toy_model(VOCAB)
   cfg.train_vision_encoder = False
   cfg.recompute_text_tables = False
+  return build(cfg)
+
+
+def build(cfg):
+  """Random PyTorch modules for the vision and language paths (HF Blip2 vision, Q-Former, T5;
+  the DCNv4 reference; the fusion MLP; t5_proj / cem_memory under the original's names) and
+  our params for `cfg` with those parts converted from them (the rest zero). Returns (cfg,
+  graphdef, params, torch modules by name); tests/test_objective.py builds on it."""
   vit, q, lm = cfg.vit, cfg.qformer, cfg.lm
   c, d = vit.width, q.hidden
   assert c == test_aligner.C and cfg.aligner.groups == test_aligner.G

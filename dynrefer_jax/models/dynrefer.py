@@ -157,9 +157,8 @@ class DynRefer(nnx.Module):
     self.query_tokens = layers.param(rngs, layers.normal(q.get("init_std", 0.02)),
                                      (c.num_query_tokens, q.hidden),
                                      ("query", "embed"))
-    self.Qformer = qformer.QFormer(**q, encoder_width=width, scan_layers=scan,  # pylint: disable=invalid-name
-                                   dtype=dt["region"],
-                                   rngs=rngs)
+    self.Qformer = qformer.QFormer(  # pylint: disable=invalid-name
+        **q, encoder_width=width, scan_layers=scan, dtype=dt["region"], rngs=rngs)
 
     h = c.head
     text_dim = c.text.output_dim
