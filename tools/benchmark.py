@@ -53,6 +53,11 @@ the lowered forward (4 per block; once for a scanned stack). A config that train
 the feature error (the forward is that of the frozen tower) but no fp8 train step. If the
 lowered fp8 forward has no f8 at all (the tower not wired), the line says so ("wiring pending")
 instead of timing bf16 under an fp8 label.
+
+`--profile DIR` also traces two more calls of the bf16 `train` and `caption` programs with
+jax.profiler (DIR/<mode>/, a Perfetto trace among them) and writes each compiled program's
+optimised HLO (DIR/<mode>.hlo.txt), so that tools/profile_summary.py can attribute the device
+time to kernels, XLA fusions and the model's source files (eva_vit.py, t5.py, ...).
 """
 
 from __future__ import annotations
@@ -210,6 +215,25 @@ def time_calls(run, steps: int, warmup: int) -> tuple[float, list[float]]:
     jax.block_until_ready(run())
     times.append(time.perf_counter() - t0)
   return statistics.median(times), times
+
+
+def maybe_profile(b: "Bench", mode: str, compiled, run, calls: int = 2) -> None:
+  """With --profile: `calls` more calls of `run` under jax.profiler.trace(DIR/mode), and the
+  compiled program's optimised HLO text beside them (DIR/mode.hlo.txt). A profiler failure is
+  reported on stderr and does not fail the mode."""
+  if not b.args.profile:
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  os.makedirs(b.args.profile, exist_ok=True)
+  try:
+    with open(os.path.join(b.args.profile, f"{mode}.hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(compiled.as_text())
+    with jax.profiler.trace(os.path.join(b.args.profile, mode), create_perfetto_trace=True):
+      for _ in range(calls):
+        jax.block_until_ready(run())
+  except Exception:  # pylint: disable=broad-except
+    print(f"profile of {mode} failed:", file=sys.stderr)
+    traceback.print_exc()
 
 
 def aot_compile(jitted, *args) -> tuple[object, float, float]:
@@ -417,6 +441,8 @@ def run_train(b: Bench, graphdef, *, fp8: bool = False, remat: str | None = None
     return metrics["loss"]
 
   step_s, times = time_calls(run, b.args.steps, b.args.warmup)
+  if not fp8:
+    maybe_profile(b, "train", compiled, run)
   b.state.trainable = carry["trainable"]  # the old buffers were donated
   if not fp8:
     b.train_step_s = step_s
@@ -440,6 +466,8 @@ def run_caption(b: Bench, graphdef, *, fp8: bool = False) -> None:
   compiled, lower_s, compile_s = aot_compile(
       jax.jit(caption_fn(graphdef, m, gen, b.state.frozen_groups)), params, batch)
   step_s, times = time_calls(lambda: compiled(params, batch), a.steps, a.warmup)
+  if not fp8:
+    maybe_profile(b, "caption", compiled, lambda: compiled(params, batch))
   ids, _ = compiled(params, batch)
   b.measured("caption", step_s=step_s, times=times, compile_s=lower_s + compile_s,
              lower_s=lower_s, fp8=fp8, generated_tokens=int(ids.shape[1]),
@@ -553,6 +581,8 @@ def parse_args(argv):
   p.add_argument("--num-classes", type=int, default=80)
   p.add_argument("--budget-s", type=float, default=0.0,
                  help="skip the modes that would start after this many seconds (0: no limit)")
+  p.add_argument("--profile", default="", metavar="DIR",
+                 help="trace the bf16 train and caption programs into DIR (tools/profile_summary.py)")
   p.add_argument("--out", default="", help="also write the JSON lines here (rewritten "
                  "atomically after each line)")
   args = p.parse_args(argv)

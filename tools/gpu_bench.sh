@@ -8,10 +8,15 @@
 # 2. On the device, with the run tool: command "bash tools/gpu_bench.sh", carry ["bench_local"],
 #    timeout_s 600. Everything comes back under $OUT (8 files at most):
 #      env.txt       GPU, driver, Python / JAX / torch versions, which flax was used
-#      anchor.jsonl  torch_anchor.py --regions 64 --steps 10 (eager); anchor.log its stderr
-#      ours.jsonl    tools/benchmark.py --regions 64 --steps 10 --vit-fp8; ours.log its output
+#      anchor.jsonl  torch_anchor.py --regions 64 --steps 10 (eager)
+#      ours.jsonl    tools/benchmark.py --regions 64 --steps 10 --vit-fp8 --profile
+#      logs.tgz      anchor.log (its stderr) and ours.log (the benchmark's whole output)
+#      profile.tgz   the bf16 train and caption programs' traces and optimised HLO
+#                    (tools/profile_summary.py reads them here; PROFILE=0 skips them)
 #      report.md, report.json   tools/bench_report.py (ratios, targets, roofline paragraph)
 #      anchor_compiled.jsonl    only with ANCHOR_COMPILE=1 and time left (torch.compile peer)
+#    BENCH_LOCAL names another folder than bench_local/ (e.g. a snapshot of the tree that
+#    holds its own bench_local/: `bash snap/tools/gpu_bench.sh` runs that tree's code).
 #
 # The device image (/work/.library/device/KINDS.md, 2026-11): Python 3.12, torch 2.11,
 # transformers 5.17, jax 0.11.2 with the CUDA 13 plugin, optax, orbax, tqdm; no ml-collections,
@@ -59,6 +64,9 @@ STEPS=${STEPS:-10}
 SITE=${SITE:-/tmp}
 ANCHOR_ARGS=${ANCHOR_ARGS:-}
 BENCH_ARGS=${BENCH_ARGS:-}
+BENCH_LOCAL=${BENCH_LOCAL:-bench_local}
+PROFILE=${PROFILE:-1}
+LOGS=$(mktemp -d)
 T0=$SECONDS
 left() { echo $(( LIMIT_S - (SECONDS - T0) )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -74,8 +82,8 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 
 # --- Python packages for our code ------------------------------------------------------------
 ours_env=""
-if ls bench_local/wheels/*.whl > /dev/null 2>&1; then
-  for w in bench_local/wheels/*.whl; do
+if ls "$BENCH_LOCAL"/wheels/*.whl > /dev/null 2>&1; then
+  for w in "$BENCH_LOCAL"/wheels/*.whl; do
     case "$(basename "$w")" in
       flax-*) dest=$SITE/site_flax ;;
       *) dest=$SITE/site ;;
@@ -97,16 +105,17 @@ echo "PYTHONPATH for ours: ${ours_env:-none worked}" >> "$OUT/env.txt"
 cat "$OUT/env.txt"
 
 # --- the PyTorch anchor (eager), 150 s at most ---------------------------------------------------
-anchor=bench_local/torch_anchor.py
+anchor=$BENCH_LOCAL/torch_anchor.py
 if [ -f "$anchor" ]; then
   echo "== anchor ($(left) s left)"
   timeout 150 $PY "$anchor" --regions "$REGIONS" --steps "$STEPS" $ANCHOR_ARGS \
-      > "$OUT/anchor.jsonl" 2> "$OUT/anchor.log"
-  echo "anchor exit $?" >> "$OUT/anchor.log"
+      > "$OUT/anchor.jsonl" 2> "$LOGS/anchor.log"
+  echo "anchor exit $?" >> "$LOGS/anchor.log"
+  tail -3 "$LOGS/anchor.log"
   cat "$OUT/anchor.jsonl"
 else
   echo "no $anchor: run 'bash tools/gpu_bench.sh --prepare' here and carry bench_local" \
-      | tee "$OUT/anchor.log"
+      | tee "$LOGS/anchor.log"
 fi
 
 # --- ours: bf16 train, fp8 train, caption, ViT forward -------------------------------------------
@@ -114,11 +123,21 @@ if [ -n "$ours_env" ]; then
   limit=$(( $(left) - 30 ))
   echo "== ours ($limit s)"
   if [ "$limit" -gt 60 ]; then
+    profile_args=()
+    [ "$PROFILE" = "1" ] && profile_args=(--profile "$LOGS/profile")
     PYTHONPATH="$ours_env" timeout "$limit" $PY tools/benchmark.py --regions "$REGIONS" \
-        --steps "$STEPS" --warmup 3 --vit-fp8 --budget-s $(( limit - 60 )) $BENCH_ARGS \
-        --out "$OUT/ours.jsonl" > "$OUT/ours.log" 2>&1
-    echo "benchmark exit $?" >> "$OUT/ours.log"
-    grep '^{' "$OUT/ours.log" | cut -c1-400
+        --steps "$STEPS" --warmup 3 --vit-fp8 --budget-s $(( limit - 60 )) "${profile_args[@]}" \
+        $BENCH_ARGS --out "$OUT/ours.jsonl" > "$LOGS/ours.log" 2>&1
+    echo "benchmark exit $?" >> "$LOGS/ours.log"
+    grep '^{' "$LOGS/ours.log" | cut -c1-400
+    grep -v '^{' "$LOGS/ours.log" | tail -15
+    if [ -d "$LOGS/profile" ]; then
+      # The Perfetto/trace JSON and the HLO text; the raw xplane.pb only while under 15 MB.
+      (cd "$LOGS" && tar czf "$OUT/profile.tgz" --exclude='*.xplane.pb' profile)
+      (cd "$LOGS" && tar czf "$LOGS/profile_full.tgz" profile) \
+        && [ "$(stat -c %s "$LOGS/profile_full.tgz")" -lt 15000000 ] \
+        && mv "$LOGS/profile_full.tgz" "$OUT/profile.tgz"
+    fi
   fi
 fi
 
@@ -127,7 +146,7 @@ compiled_args=()
 if [ "${ANCHOR_COMPILE:-0}" = "1" ] && [ -f "$anchor" ] && [ "$(left)" -gt 150 ]; then
   echo "== anchor --compile --compile-t5 ($(left) s left)"
   timeout $(( $(left) - 20 )) $PY "$anchor" --regions "$REGIONS" --steps "$STEPS" --compile \
-      --compile-t5 --skip vit,generate $ANCHOR_ARGS > "$OUT/anchor_compiled.jsonl" 2>> "$OUT/anchor.log"
+      --compile-t5 --skip vit,generate $ANCHOR_ARGS > "$OUT/anchor_compiled.jsonl" 2>> "$LOGS/anchor.log"
   compiled_args=(--anchor-compiled "$OUT/anchor_compiled.jsonl")
 fi
 
@@ -136,4 +155,5 @@ if [ -f "$OUT/anchor.jsonl" ] && [ -f "$OUT/ours.jsonl" ]; then
   $PY tools/bench_report.py --anchor "$OUT/anchor.jsonl" --ours "$OUT/ours.jsonl" \
       "${compiled_args[@]}" --out "$OUT/report.md" --json "$OUT/report.json"
 fi
+(cd "$LOGS" && tar czf "$OUT/logs.tgz" ./*.log)
 echo "== done in $(( SECONDS - T0 )) s"
