@@ -77,6 +77,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODES = ("vit_forward", "train", "caption", "views")
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+  """A progress line on stderr with the seconds since start (where a cut-short run stopped)."""
+  print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 ANCHOR_CONTROL_LEN, ANCHOR_CAPTION_LEN = 8, 20   # bench/torch_anchor.py's ctrl and labels
 
 
@@ -143,13 +149,69 @@ def random_batch(config, regions: int, *, image_size: int, text_len: int, num_ta
   return {k: np.asarray(values[k](shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
 
 
+BIG_FROZEN = 1 << 16   # elements: frozen arrays at least this big are filled by random_fill
+
+
+def random_fill(abstract: dict, seed: int = 0) -> dict:
+  """Random normal(0, 0.02) arrays for a tree of jax.ShapeDtypeStructs (with shardings), one
+  small jitted program per distinct (shape, dtype, sharding), made on the devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
+  programs, out = {}, {}
+  for i, (path, x) in enumerate(sorted(functional.flatten(abstract).items())):
+    key = (x.shape, x.dtype, x.sharding)
+    if key not in programs:
+      programs[key] = jax.jit(
+          lambda k, shape=x.shape, dtype=x.dtype: (0.02 * jax.random.normal(
+              k, shape, jnp.float32)).astype(dtype), out_shardings=x.sharding)
+    out[path] = programs[key](jax.random.key(seed + i))
+  return functional.unflatten(out)
+
+
+def build_random(config, ids: dict, mesh):
+  """train.build_model's state, made fast to compile at full size: the model's own jitted init
+  for the trainable parameters, the small frozen arrays (norms, biases) and the token-id tables,
+  and random_fill for the big float frozen arrays (the ViT's, FlanT5's and the text tower's
+  matrices, replaced by released weights in real use, and the text-embedding tables). The init
+  program of every parameter compiles for minutes at full size (over 4 min on the H200, 8 min
+  on a 2-core CPU: one RNG fusion per array, and the text tower run over every tag for the
+  tables); XLA drops the dead RNG and text-tower work of the arrays not asked for. Values only
+  matter for timing here (the tables are not the text tower's embeddings of the tags)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax import functional, train  # pylint: disable=import-outside-toplevel
+  log("abstract model")
+  build, state = train.abstract_model(config, ids, mesh)
+  patterns, excludes = train.trainable_patterns(config)
+  flat = functional.flatten(state.frozen)
+  big = {p for p, x in flat.items()
+         if x.size >= BIG_FROZEN and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)}
+  keep = {p: x for p, x in flat.items() if p not in big}
+
+  def init():
+    tr, fr = functional.partition(functional.split(build())[1], patterns, excludes)
+    fr = train._cast_frozen(fr, config.frozen_dtype)  # pylint: disable=protected-access
+    fr = functional.flatten(fr)
+    return tr, {p: fr[p] for p in keep}
+
+  keep_sh = {p: x.sharding for p, x in keep.items()}
+  log(f"init: {len(keep)} frozen arrays and the trainable ones by the model's init, "
+      f"{len(big)} filled")
+  trainable, small = jax.jit(init, out_shardings=(state.trainable_shardings, keep_sh))()
+  log("fill")
+  filled = functional.flatten(random_fill(functional.unflatten({p: flat[p] for p in big})))
+  state.trainable = trainable
+  state.frozen = functional.unflatten({**small, **filled})
+  return state
+
+
 def build_state(config, ids: dict, weights: str):
-  """train.ModelState on all local devices: random init, or `weights` (a converted directory)
-  restored straight onto the shardings."""
+  """train.ModelState on all local devices: random init (build_random), or `weights` (a
+  converted directory) restored straight onto the shardings."""
   from dynrefer_jax import sharding, train  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(dict(config.sharding.mesh))
   if not weights:
-    state = train.build_model(config, ids, mesh)
+    state = build_random(config, ids, mesh)
   else:
     _, state = train.abstract_model(config, ids, mesh)
     train._load_model_init(state, weights, config)  # pylint: disable=protected-access
@@ -563,7 +625,8 @@ def parse_args(argv):
   p.add_argument("--regions", type=int, default=64, help="regions per step")
   p.add_argument("--steps", type=int, default=10, help="timed calls per mode (median reported)")
   p.add_argument("--warmup", type=int, default=3, help="untimed calls before them")
-  p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
+  p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES)
+                 + ", run in that order (default: the anchor's)")
   p.add_argument("--vit-fp8", nargs="?", const=True, default=False, metavar="RECIPE",
                  help="also vit_forward and train with the fp8 ViT (RECIPE: a name of "
                  "dynrefer_jax/models/fp8.py RECIPES, default rowwise), and its feature error")
@@ -592,7 +655,9 @@ def parse_args(argv):
     p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
   if min(args.regions, args.steps) < 1 or args.warmup < 0:
     p.error("--regions and --steps must be at least 1, --warmup at least 0")
-  args.modes = [x for x in MODES if x in modes]
+  if "views" in modes and "train" in modes and modes.index("views") < modes.index("train"):
+    p.error("--modes: views reports its share of the train step, so it runs after train")
+  args.modes = list(dict.fromkeys(modes))   # in the order given
   if isinstance(args.vit_fp8, str):
     from dynrefer_jax.models import fp8  # pylint: disable=import-outside-toplevel
     if args.vit_fp8 not in fp8.RECIPES:
@@ -646,6 +711,7 @@ def main(argv=None) -> int:
       b.emit({"mode": mode, "status": "skipped", "vit_fp8": kw.get("fp8", False),
               "reason": f"time budget: {elapsed:.0f} s elapsed of {args.budget_s:.0f} s"})
       return None
+    log(f"{mode} (fp8={kw.get('fp8', False)})")
     try:
       return fn(b, *fn_args, **kw)
     except Exception as e:  # pylint: disable=broad-except
