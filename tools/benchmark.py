@@ -149,59 +149,66 @@ def random_batch(config, regions: int, *, image_size: int, text_len: int, num_ta
   return {k: np.asarray(values[k](shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
 
 
-BIG_FROZEN = 1 << 16   # elements: frozen arrays at least this big are filled by random_fill
+TABLE_IDS = {"tag_token_ids": "tags", "att_token_ids": "attributes", "ov_token_ids": "classes",
+             "att_template_owner": "template_to_attribute"}   # int tables: the ids given
 
 
-def random_fill(abstract: dict, seed: int = 0) -> dict:
-  """Random normal(0, 0.02) arrays for a tree of jax.ShapeDtypeStructs (with shardings), one
-  small jitted program per distinct (shape, dtype, sharding), made on the devices."""
+def fill_value(path: str) -> tuple[str, float]:
+  """How random_fill makes a parameter, by its name: ("const", c) or ("normal", std)."""
+  name = path.split("/")[-1]
+  if name == "scale":
+    return "const", 1.0
+  if name == "attr_t":
+    return "const", float(math.log(10.0))     # SPEC §7b's initial values
+  if name == "attr_b":
+    return "const", -10.0
+  if name.endswith("bias") or name == "cem_memory":
+    return "const", 0.0
+  return "normal", 0.02
+
+
+def random_fill(abstract: dict, ids: dict, seed: int = 0) -> dict:
+  """Arrays for a tree of jax.ShapeDtypeStructs (with shardings), made on the devices by one
+  tiny jitted program per distinct (shape, dtype, sharding, rule) (fill_value: normal(0, 0.02)
+  matrices and embeddings, unit norm scales, zero biases); the int token-id tables are `ids`."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import functional  # pylint: disable=import-outside-toplevel
   programs, out = {}, {}
   for i, (path, x) in enumerate(sorted(functional.flatten(abstract).items())):
-    key = (x.shape, x.dtype, x.sharding)
+    name = path.split("/")[-1]
+    if name in TABLE_IDS:
+      out[path] = jax.device_put(np.asarray(ids[TABLE_IDS[name]], x.dtype).reshape(x.shape),
+                                 x.sharding)
+      continue
+    rule, value = fill_value(path)
+    key = (x.shape, x.dtype, x.sharding, rule, value)
     if key not in programs:
-      programs[key] = jax.jit(
-          lambda k, shape=x.shape, dtype=x.dtype: (0.02 * jax.random.normal(
-              k, shape, jnp.float32)).astype(dtype), out_shardings=x.sharding)
+      if rule == "const":
+        fn = lambda k, shape=x.shape, dtype=x.dtype, v=value: jnp.full(shape, v, dtype)
+      else:
+        fn = lambda k, shape=x.shape, dtype=x.dtype, v=value: (
+            v * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+      programs[key] = jax.jit(fn, out_shardings=x.sharding)
     out[path] = programs[key](jax.random.key(seed + i))
+  log(f"random_fill: {len(out)} arrays from {len(programs)} programs")
   return functional.unflatten(out)
 
 
 def build_random(config, ids: dict, mesh):
-  """train.build_model's state, made fast to compile at full size: the model's own jitted init
-  for the trainable parameters, the small frozen arrays (norms, biases) and the token-id tables,
-  and random_fill for the big float frozen arrays (the ViT's, FlanT5's and the text tower's
-  matrices, replaced by released weights in real use, and the text-embedding tables). The init
-  program of every parameter compiles for minutes at full size (over 4 min on the H200, 8 min
-  on a 2-core CPU: one RNG fusion per array, and the text tower run over every tag for the
-  tables); XLA drops the dead RNG and text-tower work of the arrays not asked for. Values only
-  matter for timing here (the tables are not the text tower's embeddings of the tags)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from dynrefer_jax import functional, train  # pylint: disable=import-outside-toplevel
+  """train.ModelState with random weights, without compiling the model's init: every array
+  comes from random_fill. The model's own init is one program with an RNG fusion per parameter
+  and the text tower run over every tag for the tables: at full size it compiled for over
+  6 minutes on the H200 (8 min on a 2-core CPU, 59 MB of HLO), so the first GPU runs ended
+  before their first figure. Values only matter for timing here: the tables are random, not
+  the text tower's embeddings of the tags, and DynRefer's modules do not start as the original's
+  (the aligner's offsets are not zero, for one)."""
+  from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
   log("abstract model")
-  build, state = train.abstract_model(config, ids, mesh)
-  patterns, excludes = train.trainable_patterns(config)
-  flat = functional.flatten(state.frozen)
-  big = {p for p, x in flat.items()
-         if x.size >= BIG_FROZEN and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)}
-  keep = {p: x for p, x in flat.items() if p not in big}
-
-  def init():
-    tr, fr = functional.partition(functional.split(build())[1], patterns, excludes)
-    fr = train._cast_frozen(fr, config.frozen_dtype)  # pylint: disable=protected-access
-    fr = functional.flatten(fr)
-    return tr, {p: fr[p] for p in keep}
-
-  keep_sh = {p: x.sharding for p, x in keep.items()}
-  log(f"init: {len(keep)} frozen arrays and the trainable ones by the model's init, "
-      f"{len(big)} filled")
-  trainable, small = jax.jit(init, out_shardings=(state.trainable_shardings, keep_sh))()
-  log("fill")
-  filled = functional.flatten(random_fill(functional.unflatten({p: flat[p] for p in big})))
-  state.trainable = trainable
-  state.frozen = functional.unflatten({**small, **filled})
+  _, state = train.abstract_model(config, ids, mesh)
+  state.trainable = random_fill(state.trainable, ids, seed=0)
+  state.frozen = random_fill(state.frozen, ids, seed=1 << 20)
   return state
 
 
@@ -670,6 +677,10 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   t_start = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "gpu":
+    # Threefry as one CUDA kernel instead of an unrolled fusion per random draw (the same
+    # bits): XLA:GPU compiled the model's init, one such fusion per parameter, for over 6 min.
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
   from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
   try:
     config = load_config(args.config, args.set)
@@ -692,6 +703,7 @@ def main(argv=None) -> int:
   common = {"config": args.config or "full_model", "weights": weights or "random",
             "device_kind": dev.device_kind, "platform": dev.platform,
             "num_devices": jax.device_count(), "jax_version": jax.__version__,
+            "threefry_gpu_kernel": bool(jax.config.jax_threefry_gpu_kernel_lowering),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python tools/benchmark.py " + " ".join(argv)}
   t0 = time.perf_counter()
