@@ -221,3 +221,93 @@ def test_report_with_fp8_pending_and_another_card(tmp_path):
   assert fig["caption_fp8"]["value"] is None and fig["caption_fp8"]["met"] is None
   assert not result["context"]["same_device"]
   assert "not the same card" in bench_report.markdown(result)
+
+
+def test_random_fill_follows_the_name_rules_on_the_shardings(devices8):
+  """build_random's fill: unit norm scales, zero biases, SigLIP's ln 10 / −10, the token-id
+  tables as given, normal(0, 0.02) elsewhere, each on the abstract leaf's shape, dtype and
+  sharding (here an 8-device FSDP mesh)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import benchmark  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=devices8)
+  spec = lambda shape, dtype, *axes: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=NamedSharding(mesh, P(*axes)))
+  ids = {"tags": np.arange(24, dtype=np.int32).reshape(3, 8)}
+  abstract = {"blocks": {0: {"norm": {"scale": spec((64,), jnp.float32, None),
+                                        "bias": spec((64,), jnp.float32, None)},
+                               "mlp": {"kernel": spec((256, 512), jnp.bfloat16, "fsdp", None)}},
+                         1: {"mlp": {"kernel": spec((256, 512), jnp.bfloat16, "fsdp", None)}}},
+              "attr_t": spec((), jnp.float32), "attr_b": spec((), jnp.float32),
+              "q_bias": spec((4, 8), jnp.float32, None, None),
+              "tag_token_ids": spec((3, 8), jnp.int32, None, None)}
+  out = benchmark.random_fill(abstract, ids)
+  flat_in, flat_out = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (abstract, out))
+  for path, x in flat_in.items():
+    y = flat_out[path]
+    assert (y.shape, y.dtype, y.sharding) == (x.shape, x.dtype, x.sharding), path
+  np.testing.assert_array_equal(out["blocks"][0]["norm"]["scale"], np.ones(64))
+  np.testing.assert_array_equal(out["blocks"][0]["norm"]["bias"], np.zeros(64))
+  np.testing.assert_array_equal(out["q_bias"], np.zeros((4, 8)))
+  assert float(out["attr_t"]) == pytest.approx(math.log(10.0)) and float(out["attr_b"]) == -10.0
+  np.testing.assert_array_equal(out["tag_token_ids"], ids["tags"])
+  k0 = np.asarray(out["blocks"][0]["mlp"]["kernel"], np.float32)
+  k1 = np.asarray(out["blocks"][1]["mlp"]["kernel"], np.float32)
+  assert abs(k0.mean()) < 1e-3 and k0.std() == pytest.approx(0.02, rel=0.02)
+  assert not np.array_equal(k0, k1)   # one program per shape, a key per array
+
+
+def test_profile_summary_attributes_device_time(tmp_path):
+  """tools/profile_summary.py on a hand-written GPU trace and HLO: each kernel's time goes to
+  its HLO instruction's kind and to the innermost dynrefer_jax file outside the shared blocks."""
+  import gzip
+  import profile_summary  # pylint: disable=import-outside-toplevel
+  hlo = "\n".join([
+      "HloModule jit_step", "", "FileNames", '1 "/x/dynrefer_jax/models/layers.py"',
+      '2 "/x/dynrefer_jax/models/eva_vit.py"', '3 "/x/dynrefer_jax/models/t5.py"', "",
+      "FunctionNames", '1 "Dense.__call__"', '2 "Mlp.__call__"', '3 "T5.__call__"', "",
+      "FileLocations", "1 {file_name_id=1 function_name_id=1 line=83}",
+      "2 {file_name_id=2 function_name_id=2 line=114}",
+      "3 {file_name_id=3 function_name_id=3 line=281}", "",
+      # XLA prints a frame's parent one above its key (a root points at itself).
+      "StackFrames", "1 {file_location_id=2 parent_frame_id=1}",
+      "2 {file_location_id=1 parent_frame_id=2}", "3 {file_location_id=3 parent_frame_id=3}", "",
+      "%fused_gelu (p: bf16[8]) -> bf16[8] {",
+      "  %p = bf16[8]{0} parameter(0)",
+      "  ROOT %m = bf16[8]{0} multiply(%p, %p)", "}", "",
+      "ENTRY %main (a: bf16[8,8]) -> bf16[8,8] {",
+      "  %a = bf16[8,8]{1,0} parameter(0)",
+      '  %gemm.1 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%a, %a), '
+      'custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/dot_general" '
+      "stack_frame_id=2}",
+      "  %loop_fusion.2 = bf16[8]{0} fusion(%a), kind=kLoop, calls=%fused_gelu, "
+      'metadata={op_name="jit(step)/mul" stack_frame_id=3}',
+      "  ROOT %t = bf16[8,8]{1,0} copy(%a)", "}"])
+  (tmp_path / "train.hlo.txt").write_text(hlo)
+  run = tmp_path / "train" / "plugins" / "profile" / "run1"
+  run.mkdir(parents=True)
+  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
+  for call in range(2):
+    events += [{"ph": "X", "pid": 1, "tid": 7, "ts": call * 100, "dur": 30.0,
+                "name": "sm90_gemm", "args": {"hlo_op": "gemm.1"}},
+               {"ph": "X", "pid": 1, "tid": 7, "ts": call * 100 + 40, "dur": 10.0,
+                "name": "loop_fusion_2", "args": {"hlo_op": "loop_fusion.2"}},
+               {"ph": "X", "pid": 2, "tid": 1, "ts": call * 100, "dur": 500.0, "name": "host"}]
+  with gzip.open(run / "h.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  h = profile_summary.Hlo(hlo)
+  evs = profile_summary.device_events(str(run / "h.trace.json.gz"))
+  assert sorted(evs) == sorted([("gemm.1", 30.0), ("loop_fusion.2", 10.0)] * 2)  # host excluded
+  assert h.kind("gemm.1") == "gemm (cuBLAS)" and h.kind("loop_fusion.2").startswith("elementwise")
+  assert h.source(h.instructions["gemm.1"]).startswith("models/layers.py:83")
+  assert h.source(h.instructions["gemm.1"], skip_generic=True).startswith("models/eva_vit.py:114")
+  text = profile_summary.summarize(evs, h, calls=2, top=5)
+  assert "Device busy time per call: 0.04 ms" in text
+  assert "| models/eva_vit.py | 0.03 | 75.0% |" in text
+  assert "| models/t5.py | 0.01 | 25.0% |" in text

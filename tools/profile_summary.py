@@ -26,7 +26,8 @@ import sys
 import tarfile
 import tempfile
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+(?:\s*\{[^}]*\})?)\s+([\w\-]+)\(")
+# name = type opcode(...): the type may be a tuple with spaces, "(bf16[8,8]{1,0}, s8[0]{0})".
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\(")
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
