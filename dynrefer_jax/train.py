@@ -54,6 +54,8 @@ class ModelState:
   rules: Any
   # ((prefix, layers), ...) when `frozen` holds those stacks stacked (stack_frozen), else ().
   frozen_groups: tuple = ()
+  # Top-level modules the model initialised because config.model_init does not hold them.
+  initialised: tuple = ()
 
   def params(self) -> dict:
     """Every parameter in the module's per-layer layout (stacked frozen weights are sliced:
@@ -113,18 +115,38 @@ def abstract_model(config: ml_collections.ConfigDict, text_token_ids: dict, mesh
 
 
 def build_model(config: ml_collections.ConfigDict, text_token_ids: dict, mesh, *,
-                seed: int | None = None) -> ModelState:
+                seed: int | None = None, model_init: str = "") -> ModelState:
   """Initialises the model directly onto its shardings (never materialised on one device);
-  frozen parameters are cast to config.frozen_dtype inside the same jitted init."""
+  frozen parameters are cast to config.frozen_dtype inside the same jitted init.
+
+  With `model_init` (checkpoint.load_params: a converted directory, a pretrained init or a
+  training workdir) its weights are restored straight onto the shardings and only the
+  parameters it does not hold are initialised (a pretrained init's DynRefer modules; frozen
+  weights a random-init run never saved); `state.initialised` names their top-level modules.
+  The init program leaves the restored ones out, so XLA drops their random draws: at full size
+  the init of every parameter compiles for minutes (over 6 min on an H200, 8 on a 2-core CPU).
+  The values initialised are the same either way (one RNG stream from `seed`)."""
   build, state = abstract_model(config, text_token_ids, mesh, seed=seed)
   patterns, excludes = trainable_patterns(config)
+  target = functional.combine(state.trainable, state.frozen)   # ShapeDtypeStructs, sharded
+  loaded = {}
+  if model_init:
+    loaded = functional.flatten(ckpt_lib.load_params(model_init, target, seed=config.seed))
+    tables = re.compile(excludes[0])  # derived from the text tower: not reported
+    state.initialised = tuple(sorted({k.split("/")[0] for k in functional.flatten(target)
+                                      if k not in loaded and not tables.search(k)}))
+  shardings = functional.flatten(functional.combine(state.trainable_shardings,
+                                                    state.frozen_shardings))
+  todo = {k: s for k, s in shardings.items() if k not in loaded}
 
   def init():
     tr, fr = functional.partition(functional.split(build())[1], patterns, excludes)
-    return tr, _cast_frozen(fr, config.frozen_dtype)
+    flat = functional.flatten(functional.combine(tr, _cast_frozen(fr, config.frozen_dtype)))
+    return {k: flat[k] for k in todo}
 
-  state.trainable, state.frozen = jax.jit(
-      init, out_shardings=(state.trainable_shardings, state.frozen_shardings))()
+  made = jax.jit(init, out_shardings=todo)() if todo else {}
+  state.trainable, state.frozen = functional.partition(functional.unflatten({**made, **loaded}),
+                                                       patterns, excludes)
   return state
 
 
@@ -243,25 +265,6 @@ def initialize_distributed(config) -> None:
                              process_id=pid)
 
 
-def _load_model_init(state: ModelState, path: str, config) -> list[str]:
-  """config.model_init (checkpoint.load_params: a converted directory, a pretrained init or a
-  training workdir) onto the state's shardings.
-
-  Parameters it does not hold (a pretrained init's DynRefer heads; frozen weights a random-init
-  run never saved) keep the state's own initialisation; returns their top-level modules."""
-  target = functional.combine(
-      ckpt_lib.abstract_with_shardings(state.trainable, state.trainable_shardings),
-      ckpt_lib.abstract_with_shardings(state.frozen, state.frozen_shardings))
-  loaded = functional.flatten(ckpt_lib.load_params(path, target, seed=config.seed))
-  params = functional.flatten(functional.combine(state.trainable, state.frozen))
-  tables = re.compile(trainable_patterns(config)[1][0])  # derived, rebuilt at init: not listed
-  kept = sorted({k.split("/")[0] for k in params if k not in loaded and not tables.search(k)})
-  params.update(loaded)
-  state.trainable, state.frozen = functional.partition(functional.unflatten(params),
-                                                       *trainable_patterns(config))
-  return kept
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
           progress: bool = True) -> dict:
   """Trains to config.train.steps; returns a summary dict (first/last loss, steps, timings).
@@ -278,9 +281,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None,
       signal.signal(sig, h)
 
 
+def configure_jax() -> None:
+  """Process-wide JAX settings for training at scale. On GPUs threefry lowers to its CUDA
+  kernel (the same bits) instead of an unrolled fusion per random draw: XLA:GPU compiled the
+  full-size model's init, one such fusion per parameter, for over 6 min on an H200."""
+  if jax.default_backend() == "gpu":
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+
+
 def _train(config, workdir, *, data, progress, stop) -> dict:
   from dynrefer_jax.data import setup as data_setup  # pylint: disable=import-outside-toplevel
   initialize_distributed(config)
+  configure_jax()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -289,12 +301,10 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
   data_setup.resolve_vocab(config, data)
 
   token_ids = text_token_ids_from(data)
-  state = build_model(config, token_ids, mesh)
-  if config.model_init:
-    kept = _load_model_init(state, config.model_init, config)
-    if kept and is_main:
-      print(f"model_init {config.model_init} does not hold {', '.join(kept)}: they start from "
-            f"the model's initialisation (seed {config.seed})", flush=True)
+  state = build_model(config, token_ids, mesh, model_init=config.model_init)
+  if state.initialised and is_main:
+    print(f"model_init {config.model_init} does not hold {', '.join(state.initialised)}: they "
+          f"start from the model's initialisation (seed {config.seed})", flush=True)
   if config.model.get("scan_layers", False):
     stack_frozen(state)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)

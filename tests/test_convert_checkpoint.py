@@ -334,6 +334,15 @@ def fresh_state(world, converted):
   return lambda: dc.replace(built, trainable=copy(built.trainable), frozen=copy(built.frozen))
 
 
+def _from_model_init(config, path, vocab):
+  """The trainer's state with config.model_init = path: train.build_model(model_init=)."""
+  from dynrefer_jax import sharding
+  from dynrefer_jax import train as train_lib
+  return train_lib.build_model(config, vocab.text_token_ids,
+                               sharding.make_mesh(dict(config.sharding.mesh)),
+                               model_init=str(path))
+
+
 def test_converted_model_matches_pytorch_reference(world, converted):
   out, report = converted
   assert report["notes"] == []
@@ -450,9 +459,11 @@ def test_pretrained_init_without_dynrefer_file(world, capsys, fresh_state):
   with pytest.raises(predict_lib.PredictError, match="pretrained init"):
     predict_lib.load_params(config, str(out), vocab)
 
-  state = fresh_state()
-  before = {k: np.asarray(v) for k, v in functional.flatten(state.trainable).items()}
-  assert train_lib._load_model_init(state, str(out), config) == left  # pylint: disable=protected-access
+  # The modules the pretrained init lacks get exactly the full init's values (the init program
+  # that leaves the restored parameters out draws the same random stream).
+  before = {k: np.asarray(v) for k, v in functional.flatten(fresh_state().trainable).items()}
+  state = _from_model_init(config, out, vocab)
+  assert list(state.initialised) == left
   params = functional.combine(state.trainable, state.frozen)
   flat = functional.flatten(params)
   for k, v in before.items():
@@ -530,7 +541,8 @@ def test_model_init_from_training_workdirs(world, converted, fresh_state):
   _save_workdir(w2, functional.unflatten(run2), str(w1))
   assert ckpt_lib.converted_root(str(w2)) == str(conv) and ckpt_lib.recorded_init(str(w2)) == str(w1)
 
-  assert train_lib._load_model_init(state, str(w2), config) == []  # pylint: disable=protected-access
+  state = _from_model_init(config, w2, vocab)
+  assert state.initialised == ()
   got = functional.flatten(functional.combine(state.trainable, state.frozen))
   for k, v in got.items():
     np.testing.assert_array_equal(np.asarray(v), run2[k] if k in run2 else converted[k],
@@ -554,18 +566,20 @@ def test_model_init_from_training_workdirs(world, converted, fresh_state):
   # A run on randomly initialised frozen weights: only its trainables; the seed must match.
   w3 = world["tmp"] / "w_random"
   _save_workdir(w3, functional.unflatten(run1), "random init (seed 7)", seed=7)
-  # A fresh state: the converted weights' values stand in for the trainer's own initialisation.
-  state = dataclasses.replace(
-      state, trainable=jax.tree.map(lambda x: x.copy(), state.trainable),
-      frozen=jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                          state.frozen))
   with pytest.raises(ValueError, match="--config.seed=7"):
-    train_lib._load_model_init(state, str(w3), config)  # pylint: disable=protected-access
-  frozen_before = {k: np.asarray(v) for k, v in functional.flatten(state.frozen).items()}
-  kept = train_lib._load_model_init(state, str(w3), _with_seed(config, 7))  # pylint: disable=protected-access
+    _from_model_init(config, w3, vocab)
+  seven = _with_seed(config, 7)
+  state = _from_model_init(seven, w3, vocab)
+  # The frozen weights are those run's: the trainer's own initialisation with seed 7.
+  full = train_lib.build_model(seven, vocab.text_token_ids, state.mesh)
+  frozen_before = {k: np.asarray(v) for k, v in functional.flatten(full.frozen).items()}
+  assert not np.array_equal(frozen_before["visual_encoder/patch_embed/kernel"],
+                            np.asarray(functional.flatten(fresh_state().frozen)[
+                                "visual_encoder/patch_embed/kernel"]))   # seed 7 ≠ seed 0
   tables = re.compile(train_lib.trainable_patterns(config)[1][0])  # rebuilt, never saved
-  assert kept == sorted({k.split("/")[0] for k in frozen_before if not tables.search(k)})
-  assert "visual_encoder" in kept and "ln_vision" in kept
+  assert list(state.initialised) == sorted({k.split("/")[0] for k in frozen_before
+                                            if not tables.search(k)})
+  assert "visual_encoder" in state.initialised and "ln_vision" in state.initialised
   for k, v in functional.flatten(state.frozen).items():
     np.testing.assert_array_equal(np.asarray(v), frozen_before[k], err_msg=k)
   np.testing.assert_array_equal(np.asarray(functional.flatten(state.trainable)["tag_fc/kernel"]),
@@ -576,7 +590,7 @@ def test_model_init_from_training_workdirs(world, converted, fresh_state):
   bad = dict(run1, **{"tag_fc/kernel": np.zeros((3, 3), np.float32)})
   _save_workdir(w4, functional.unflatten(bad), str(conv))
   with pytest.raises(ValueError, match="tag_fc/kernel"):
-    train_lib._load_model_init(state, str(w4), config)  # pylint: disable=protected-access
+    _from_model_init(config, w4, vocab)
 
 
 def _with_seed(config, seed):

@@ -220,8 +220,7 @@ def build_state(config, ids: dict, weights: str):
   if not weights:
     state = build_random(config, ids, mesh)
   else:
-    _, state = train.abstract_model(config, ids, mesh)
-    train._load_model_init(state, weights, config)  # pylint: disable=protected-access
+    state = train.build_model(config, ids, mesh, model_init=weights)
   if config.model.get("scan_layers", False):
     train.stack_frozen(state)  # as the trainer holds them (no per-step copy of the stacks)
   return state
@@ -677,10 +676,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   t_start = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
-  if jax.default_backend() == "gpu":
-    # Threefry as one CUDA kernel instead of an unrolled fusion per random draw (the same
-    # bits): XLA:GPU compiled the model's init, one such fusion per parameter, for over 6 min.
-    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+  from dynrefer_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  train_lib.configure_jax()   # as the trainer runs (threefry's CUDA kernel on GPUs)
   from dynrefer_jax import config_lib  # pylint: disable=import-outside-toplevel
   try:
     config = load_config(args.config, args.set)
