@@ -135,9 +135,11 @@ def real_data(train: str = "", splits: dict | None = None) -> ml_collections.Con
       name="prepared", dir="", train=train, splits=dict(splits or {}),
       tokenizer_dir="", text_tokenizer="clip", bpe_path="",
       tag_list="", max_tags=4585, ovad_annotations="", class_names="", fixture=False,
-      # Views are cut on the device from the image padded to max_image_size² (COCO's 640 px
-      # images are kept whole; larger ones are shrunk, their boxes with them).
-      max_image_size=640, caption_len=32, control_len=32, text_len=77,
+      # Views are cut on the device from windows of the full-resolution image
+      # (views/windows.py): an image up to window_size px is padded whole (COCO's 640 px, most
+      # of Visual Genome's); a larger one gets a full-resolution window around the box and
+      # coarser levels of the same side (at least 1024).
+      window_size=1024, caption_len=32, control_len=32, text_len=77,
       # Training control-word candidates: the tag sets and the caption's noun/adjective-led
       # phrases (SPEC §7c; data/control_words.py). False: the tag sets alone.
       control_phrases=True))
@@ -154,7 +156,7 @@ def smoke_real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model_init = ""
   c.data.dir = ""
   c.data.fixture = True
-  c.data.max_image_size = 64
+  c.data.window_size = 64
   c.data.caption_len = c.data.control_len = 16
   c.data.text_len = c.model.text.context_length
   c.train = dict(batch_size=8, steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=1,

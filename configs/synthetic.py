@@ -41,7 +41,7 @@ def get_config(arg=None):
   # ASL scores run high (γ_neg = 7 barely pushes negatives down), so σ > 0.5 keeps every tag;
   # the original's VG region-captioning threshold, 0.8 (SPEC §7a), keeps ~6 of ~7 true tags.
   c.model.tag_threshold = 0.8
-  c.data = dict(name="synthetic", dir="", seed=0, image_size=96, max_image_size=96,
+  c.data = dict(name="synthetic", dir="", seed=0, image_size=96, window_size=96,
                 num_images=dict(train=600, val=40, test=80, heldout=40),
                 caption_len=16, control_len=16, text_len=16, control_phrases=True)
   c.optim.lr = 1e-3
@@ -63,7 +63,7 @@ def get_config(arg=None):
     c.model.vit.patch_size = 8
     c.data.num_images = dict(train=8, val=4, test=4, heldout=4)
     c.data.image_size = 64
-    c.data.max_image_size = 64
+    c.data.window_size = 64
     c.train.batch_size = 8
     c.train.steps = 2
     c.train.log_every = 1

@@ -74,7 +74,8 @@ class Predictor:
       if method == "fixed":
         return jnp.broadcast_to(jnp.asarray(fixed, jnp.float32), (batch["box"].shape[0], len(fixed)))
       return views.select_ts(method, batch["image"], batch["image_hw"], batch["box"],
-                             num_views=num_views)
+                             num_views=num_views, window=batch.get("window"),
+                             hash_pixels=batch.get("hash_pixels"))
 
     def heads(params, batch):
       ts = select(batch)
@@ -117,7 +118,7 @@ class Predictor:
             for row in tag_scores]
 
   def __call__(self, params, batch: dict) -> dict:
-    keys = ("image", "image_hw", "box")
+    keys = [k for k in ("image", "image_hw", "box", "window", "hash_pixels") if k in batch]
     # Reject NaN / inverted / outside boxes before the step, naming the region (padding rows,
     # mask False, are skipped).
     rows = np.flatnonzero(np.asarray(batch.get("mask", np.ones(len(batch["box"]), bool))))

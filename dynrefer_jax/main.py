@@ -131,6 +131,7 @@ def write_gallery(path: str, cached: list[tuple[dict, dict]], data, num: int = 1
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from dynrefer_jax.views import boxes as view_boxes  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
 
   # Spread the picks over images: the first region of each batch row group, then the rest.
   rows = [(b, p, i) for b, p in cached for i in range(len(p["caption"])) if b["mask"][i]]
@@ -148,10 +149,13 @@ def write_gallery(path: str, cached: list[tuple[dict, dict]], data, num: int = 1
                            squeeze=False)
   for row, (b, p, i) in enumerate(picks):
     h, w = (int(v) for v in b["image_hw"][i])
-    image = np.asarray(b["image"][i])[:h, :w]
+    # The whole image from the row's windows (at full resolution when it fits in one).
+    image, sx, sy = windows.overview(b["image"][i], b["window"][i], (h, w))
     box = np.asarray(b["box"][i], np.float32)
-    vb = np.asarray(view_boxes.view_boxes(box[None], np.asarray([[h, w]]),
-                                          np.asarray(p["ts"][i:i + 1], np.float32)))[0]
+    vb = view_boxes.view_boxes(box[None], np.asarray([[h, w]]),
+                               np.asarray(p["ts"][i:i + 1], np.float32), xp=np)[0]
+    scale = np.asarray([sx, sy, sx, sy])
+    box, vb = box / scale, vb / scale
     ax = axes[row, 0]
     ax.imshow(image)
     ax.add_patch(matplotlib.patches.Rectangle((box[0], box[1]), box[2] - box[0],

@@ -56,12 +56,18 @@ def load_image(path: str) -> np.ndarray:
     raise PredictError(f"not a file: {path}")
   try:
     with Image.open(path) as im:
+      images.check_size(im, path)
       im.load()
       arr = np.asarray(images.upright_rgb8(im), np.uint8)
   except UnidentifiedImageError:
     raise PredictError(f"not an image (unrecognised format): {path}") from None
-  except (OSError, ValueError) as e:
-    raise PredictError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+  except images.ImageTooLarge as e:
+    raise PredictError(str(e)) from None
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    first = (str(e).splitlines() or ["unreadable"])[0]
+    raise PredictError(f"cannot read image {path}: {first}") from None
+  except MemoryError:
+    raise PredictError(f"not enough memory to decode {path}") from None
   if arr.shape[0] < 1 or arr.shape[1] < 1:
     raise PredictError(f"empty image: {path}")
   return arr
@@ -165,25 +171,15 @@ def parse_views(spec: str | Sequence[float] | None, num_views: int,
   return ts
 
 
-def prepare_image(image: np.ndarray, boxes: np.ndarray, size: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-  """As the eval pipeline: shrink so the longer side is <= size (aspect kept, bilinear with
-  antialiasing), scale the boxes with it, zero-pad bottom/right to size×size.
-
-  Returns (uint8[size, size, 3], int32[2] true (h, w), float32[N, 4] boxes, scale)."""
-  h, w = image.shape[:2]
-  scale = min(1.0, size / max(h, w))
-  if scale < 1.0:
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    nh, nw = (min(size, max(1, int(round(v * scale)))) for v in (h, w))
-    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), np.uint8)
-    sy, sx = nh / h, nw / w
-  else:
-    nh, nw, sy, sx = h, w, 1.0, 1.0
-  padded = np.zeros((size, size, 3), np.uint8)
-  padded[:nh, :nw] = image
-  scaled = boxes * np.asarray([sx, sy, sx, sy], np.float32)
-  return padded, np.asarray([nh, nw], np.int32), scaled.astype(np.float32), scale
+def batch_layout(config, image_sizes: Iterable[Sequence[int]]):
+  """The windows' layout (views/windows.py) of a batch of images of these (h, w): one window of
+  config.data.window_size when all fit in it (the training data's layout), else the one large
+  layout (windows.large_layout), so that every large image shares one compiled shape."""
+  from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
+  size = int(config.data.window_size)
+  if all(max(int(v) for v in hw) <= size for hw in image_sizes):
+    return windows.layout(size, size)
+  return windows.large_layout(size)
 
 
 def view_boxes_in_image(box: np.ndarray, image_hw: tuple[int, int], ts: Sequence[float]
@@ -437,17 +433,30 @@ class Runner:
     raised when that item is reached (earlier items have been yielded)."""
     views = parse_views(views if isinstance(views, str) else list(views), self.num_views,
                         self.task_ts)
+    from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
     predictor = self.predictor(views)
-    size, bs = int(self.config.data.max_image_size), self.batch_size
-    pending = []   # rows waiting for a call: (item, box index, padded image, hw, scaled box)
+    bs = self.batch_size
+    pending = []   # rows waiting for a call: (item, box index)
     done = {}      # item → its region dicts (None until predicted)
     shapes = {}    # item → (image (h, w), boxes)
+    held = {}      # item → (image, {layout: its levels}) while it has rows to predict
     next_out = 0
 
+    def row_input(k, i, lay):
+      image, levels = held[k]
+      if lay not in levels:
+        levels[lay] = windows.pyramid(image, lay.side, lay.levels)
+      return windows.region_input(levels[lay], shapes[k][1][i], lay)
+
     def run(rows):
-      fill = rows + [rows[0]] * (bs - len(rows))  # one compiled shape
-      batch = {"image": np.stack([r[2] for r in fill]), "image_hw": np.stack([r[3] for r in fill]),
-               "box": np.stack([r[4] for r in fill])}
+      # Each row carries its region's windows at full resolution (views/windows.py); the
+      # images are never shrunk, so a box valid in the image is valid here.
+      lay = batch_layout(self.config, [shapes[k][0] for k, _ in rows])
+      inputs = [row_input(k, i, lay) for k, i in rows]
+      fill = inputs + [inputs[0]] * (bs - len(inputs))  # one compiled shape per layout
+      batch = {key: np.stack([r[key] for r in fill]) for key in inputs[0]}
+      batch["box"] = np.stack([shapes[k][1][i] for k, i in rows] + [shapes[rows[0][0]][1][
+          rows[0][1]]] * (bs - len(rows)))
       preds = predictor(self.params, batch)
       for j, (k, i, *_) in enumerate(rows):
         image_hw, boxes = shapes[k]
@@ -458,19 +467,20 @@ class Runner:
       if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise PredictError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
       boxes = validate_boxes(boxes, image.shape[:2])
-      padded, hw, scaled, _ = prepare_image(image, boxes, size)
-      shapes[k], done[k] = (image.shape[:2], boxes), [None] * len(boxes)
-      pending += [(k, i, padded, hw, scaled[i]) for i in range(len(boxes))]
+      shapes[k], done[k], held[k] = (image.shape[:2], boxes), [None] * len(boxes), (image, {})
+      pending += [(k, i) for i in range(len(boxes))]
       while len(pending) >= bs:
         run(pending[:bs])
         pending = pending[bs:]
       while next_out in done and all(r is not None for r in done[next_out]):
         shapes.pop(next_out)
+        held.pop(next_out)
         yield done.pop(next_out)
         next_out += 1
     if pending:
       run(pending)
     while next_out in done:
+      held.pop(next_out, None)
       yield done.pop(next_out)
       next_out += 1
 
@@ -554,12 +564,18 @@ _COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 
 
-def annotate(image: np.ndarray, regions: Sequence[dict], *, thumb: int = 160):
+def annotate(image: np.ndarray, regions: Sequence[dict], *, thumb: int = 160,
+             max_side: int = 2048):
   """PIL.Image: the image with numbered boxes and captions, then one row per region with its
-  views (crops box(t), resized to `thumb` px) side by side."""
+  views (crops box(t) of the full-resolution image, resized to `thumb` px) side by side. An
+  image longer than `max_side` is drawn shrunk to it (its boxes with it)."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
   font = ImageFont.load_default()
-  src = Image.fromarray(np.asarray(image, np.uint8))
+  full = Image.fromarray(np.asarray(image, np.uint8))
+  scale = min(1.0, max_side / max(full.size))
+  src = full if scale == 1.0 else full.resize(
+      (max(1, round(full.size[0] * scale)), max(1, round(full.size[1] * scale))), Image.BICUBIC,
+      reducing_gap=3.0)
   w, h = src.size
   n_views = max((len(r["views"]) for r in regions), default=1)
   width = max(w, n_views * (thumb + 8) + 8, 320)
@@ -571,7 +587,7 @@ def annotate(image: np.ndarray, regions: Sequence[dict], *, thumb: int = 160):
   draw = ImageDraw.Draw(canvas)
   for r in regions:
     color = _COLORS[r["index"] % len(_COLORS)]
-    x1, y1, x2, y2 = r["box"]
+    x1, y1, x2, y2 = (v * scale for v in r["box"])
     draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=2)
     draw.text((x1 + 3, y1 + 2), str(r["index"] + 1), fill=color, font=font)
   y = h + 4
@@ -585,7 +601,7 @@ def annotate(image: np.ndarray, regions: Sequence[dict], *, thumb: int = 160):
     color = _COLORS[r["index"] % len(_COLORS)]
     draw.text((4, y), f"{r['index'] + 1}: views", fill=color, font=font)
     for j, (t, vb) in enumerate(zip(r["views"], r["view_boxes"])):
-      crop = src.crop(tuple(vb)).resize((thumb, thumb), Image.BICUBIC)
+      crop = full.crop(tuple(vb)).resize((thumb, thumb), Image.BICUBIC, reducing_gap=3.0)
       x = 8 + j * (thumb + 8)
       canvas.paste(crop, (x, y + line))
       draw.rectangle([x, y + line, x + thumb - 1, y + line + thumb - 1], outline=color)

@@ -113,7 +113,7 @@ def test_vg_split_and_region_rules(vg_dir, tmp_path):
   assert [r["region_id"] for r in records] == list(range(1, 11))  # numbered per split
   assert {r["image_id"] for r in records} == {1, 2}
   out = str(tmp_path / "out")
-  data, report = common.clean_split(records, out_dir=out, split="train", max_image_size=512,
+  data, report = common.clean_split(records, out_dir=out, split="train",
                                     max_caption_tokens=info["max_caption_tokens"])
   got = {a["id"]: (a["caption"], [round(v, 3) for v in a["bbox"]])
          for a in data["annotations"]}
@@ -157,24 +157,24 @@ def test_coco_image_matrix(tmp_path):
                                            os.path.join(root, "images"))
   assert info["categories"] == ["person", "car", "toothbrush"]  # ascending category id
   out = str(tmp_path / "out")
-  data, report = common.clean_split(records, out_dir=out, split="val", max_image_size=100,
+  data, report = common.clean_split(records, out_dir=out, split="val",
                                     categories=info["categories"])
   assert report.skipped == {"image_corrupt": 2, "image_missing": 1,
                             "regions_of_skipped_images": 3, "unknown_category": 1, "box_nan": 1}
   assert report.repaired == {"image_mode_RGBA": 1, "image_mode_CMYK": 1, "image_mode_I;16": 1,
-                             "image_exif_rotated": 1, "image_resized": 1}
+                             "image_exif_rotated": 1}
   assert report.regions_out == 5 and report.images_out == 5  # image 18 has no annotation
   anns = {a["id"]: a for a in data["annotations"]}
   assert {i: a["category"] for i, a in anns.items()} == {
       1: "person", 2: "car", 3: "toothbrush", 4: "person", 5: "person"}
-  sx, sy = 100 / 300, 67 / 200  # 300x200 -> 100x67
-  np.testing.assert_allclose(anns[5]["bbox"], [30 * sx, 20 * sy, 150 * sx, 100 * sy], rtol=1e-5)
+  # A large clean image is used in place at its own resolution, its boxes unchanged.
+  np.testing.assert_allclose(anns[5]["bbox"], [30, 20, 150, 100])
   files = {im["id"]: im for im in data["images"]}
   for i in (10, 11, 12, 13, 14):
     with Image.open(files[i]["file_name"]) as im:
       assert im.mode == "RGB" and im.size == (files[i]["width"], files[i]["height"])
   assert (files[13]["width"], files[13]["height"]) == (40, 60)  # EXIF-rotated
-  assert (files[14]["width"], files[14]["height"]) == (100, 67)
+  assert (files[14]["width"], files[14]["height"]) == (300, 200)
   rgba = np.asarray(Image.open(files[10]["file_name"]))
   assert rgba[0, 0].tolist() == [0, 0, 0] and rgba[0, 20].tolist() == [200, 0, 0]
   assert np.asarray(Image.open(files[12]["file_name"])).min() == 255  # 16-bit white -> 255
@@ -210,7 +210,7 @@ def test_ovad_attributes(tmp_path):
     json.dump(ovad_json, f)
   records, info = ovad.read_ovad(os.path.join(root, "ovad.json"), os.path.join(root, "images"))
   assert info["attributes"] == ["color:black", "hair length:long", "texture:soft/fluffy"]
-  data, report = common.clean_split(records, out_dir=root, split="test", max_image_size=512,
+  data, report = common.clean_split(records, out_dir=root, split="test",
                                     categories=info["categories"],
                                     attribute_names=info["attributes"])
   assert report.skipped == {"bad_attributes": 1}
@@ -248,7 +248,7 @@ def test_refcocog_and_caption_files(tmp_path):
   records, _ = refcocog.read_refcocog(os.path.join(root, "mdetr.json"),
                                       os.path.join(root, "images"))
   parser = tags.TagParser(["woman", "coat", "green coat", "green", "lady"])
-  data, report = common.clean_split(records, out_dir=root, split="train", max_image_size=512,
+  data, report = common.clean_split(records, out_dir=root, split="train",
                                     tag_parser=parser)
   assert report.regions_out == 2 and not report.skipped and not report.repaired
   assert [a["tag_ids"] for a in data["annotations"]] == [[0, 1, 2, 3], [3, 4]]

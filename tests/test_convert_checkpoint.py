@@ -69,7 +69,7 @@ CONFIG_PY = textwrap.dedent(f"""
       m.train_text_encoder = False
       m.recompute_text_tables = False
       c.model = m
-      c.data = dict(name="converted", max_image_size=64, control_len=8, caption_len=8,
+      c.data = dict(name="converted", window_size=64, control_len=8, caption_len=8,
                     text_len={CTX})
       c.eval = dict(batch_size=4, view_selection="phash", splits=[])
       return c

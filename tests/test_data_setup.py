@@ -80,8 +80,9 @@ def test_training_batch_has_documented_shapes(prepared, tmp_path):
   assert data.num_train_examples == 16                              # 4 VG images x 4 regions
 
   b = data.example_batch()
-  B, S, K = c.train.batch_size, c.data.max_image_size, len(fixture.TAGS)
-  expected = {"image": (np.uint8, (B, S, S, 3)), "image_hw": (np.int32, (B, 2)),
+  B, S, K = c.train.batch_size, c.data.window_size, len(fixture.TAGS)
+  expected = {"image": (np.uint8, (B, 1, S, S, 3)), "image_hw": (np.int32, (B, 2)),
+              "window": (np.float32, (B, 1, 6)),
               "box": (np.float32, (B, 4)),
               "caption_ids": (np.int32, (B, c.data.caption_len)),
               "caption_mask": (np.int32, (B, c.data.caption_len)),

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from dynrefer_jax.data import control_words, pipeline, sources, synthetic
 from dynrefer_jax.data import tokenizer as tok_lib
 
-S = 96          # max_image_size (the world's images are 80 px high, 60-80 px wide)
+S = 96          # window_size (the world's images are 80 px high, 60-80 px wide)
 G = 32          # global batch
 
 
@@ -51,7 +51,7 @@ def _take(it, n):
 
 
 def _train(train, tok, **kw):
-  args = dict(global_batch_size=G, seed=7, tokenizer=tok, max_image_size=S, with_ids=True)
+  args = dict(global_batch_size=G, seed=7, tokenizer=tok, window_size=S, with_ids=True)
   args.update(kw)
   return pipeline.make_train_iterator(train, **args)
 
@@ -59,7 +59,8 @@ def _train(train, tok, **kw):
 def test_batch_format(train, tok):
   batch = next(_train(train, tok, with_ids=False))
   k = len(synthetic.tag_vocabulary())
-  want = {"image": (np.uint8, (G, S, S, 3)), "image_hw": (np.int32, (G, 2)),
+  want = {"image": (np.uint8, (G, 1, S, S, 3)), "image_hw": (np.int32, (G, 2)),
+          "window": (np.float32, (G, 1, 6)),
           "box": (np.float32, (G, 4)), "caption_ids": (np.int32, (G, 32)),
           "caption_mask": (np.int32, (G, 32)), "control_ids": (np.int32, (G, 32)),
           "control_mask": (np.int32, (G, 32)), "text_ids": (np.int32, (G, 32)),
@@ -78,12 +79,13 @@ def test_rows_match_annotations(world, train, tok, annotations):
     a = annotations["by_id"][int(batch["region_id"][i])]
     im = annotations["image"][a["image_id"]]
     assert batch["image_id"][i] == a["image_id"]
-    # Images smaller than S: stored pixels unchanged, zero padding elsewhere.
+    # Images smaller than S: one window, the stored pixels unchanged, zero padding elsewhere.
     h, w = im["height"], im["width"]
     assert tuple(batch["image_hw"][i]) == (h, w)
+    np.testing.assert_array_equal(batch["window"][i], [[0, 0, 1, 1, w, h]])
     png = np.asarray(Image.open(os.path.join(world, "images", im["file_name"])))
-    np.testing.assert_array_equal(batch["image"][i, :h, :w], png)
-    assert not batch["image"][i, h:].any() and not batch["image"][i, :, w:].any()
+    np.testing.assert_array_equal(batch["image"][i, 0, :h, :w], png)
+    assert not batch["image"][i, 0, h:].any() and not batch["image"][i, 0, :, w:].any()
     x, y, bw, bh = a["bbox"]
     np.testing.assert_allclose(batch["box"][i], [x, y, x + bw, y + bh])
     assert tok.decode(batch["caption_ids"][i], skip_special_tokens=True) == a["caption"]
@@ -260,24 +262,42 @@ def test_epochs_are_permutations_and_processes_disjoint(train, tok):
       np.testing.assert_array_equal(x[key], np.concatenate([y0[key], y1[key]]))
 
 
-def test_large_images_are_resized_with_their_boxes(world, train, tok, annotations):
-  small = 40
-  batch = next(_train(train, tok, max_image_size=small))
+def test_images_larger_than_the_window_keep_full_resolution(world, tok, annotations,
+                                                            monkeypatch):
+  """Window 0 is the stored image at full resolution around the box, window 1 the image at half
+  size (PIL Lanczos), and evaluation rows carry each hash crop's gray pixels (OpenCV's gray)."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(windows, "CONTEXT_SIDE", 48)  # 48-px windows: two levels for 80 px
+  val = sources.SyntheticSource(world, "val")
+  batch = next(iter(pipeline.make_eval_iterator(val, global_batch_size=4, tokenizer=tok,
+                                                window_size=40)))
+  assert batch["image"].shape == (4, 2, 48, 48, 3) and batch["window"].shape == (4, 2, 6)
+  assert batch["hash_pixels"].shape == (4, 11, 448, 448)
+  data = synthetic.load_split(world, "val")
+  by_id = {a["id"]: a for a in data["annotations"]}
+  files = {im["id"]: im["file_name"] for im in data["images"]}
   for i in range(4):
-    a = annotations["by_id"][int(batch["region_id"][i])]
-    im = annotations["image"][a["image_id"]]
-    h, w = im["height"], im["width"]
-    scale = small / max(h, w)
-    nh, nw = round(h * scale), round(w * scale)
-    assert tuple(batch["image_hw"][i]) == (nh, nw)
+    a = by_id[int(batch["region_id"][i])]
+    png = np.asarray(Image.open(os.path.join(world, "images", files[a["image_id"]])))
+    h, w = png.shape[:2]
     x, y, bw, bh = a["bbox"]
-    np.testing.assert_allclose(batch["box"][i], [x * nw / w, y * nh / h, (x + bw) * nw / w,
-                                                 (y + bh) * nh / h], rtol=1e-5)
-    ref = np.asarray(Image.open(os.path.join(world, "images", im["file_name"])).resize(
-        (nw, nh), Image.BILINEAR), np.float32)
-    got = batch["image"][i, :nh, :nw].astype(np.float32)
-    assert np.abs(got - ref).mean() < 12  # same picture, different antialiasing filters
-    assert not batch["image"][i, nh:].any() and not batch["image"][i, :, nw:].any()
+    np.testing.assert_allclose(batch["box"][i], [x, y, x + bw, y + bh])  # image pixels
+    assert tuple(batch["image_hw"][i]) == (h, w)
+    x0, y0, sx, sy, vw, vh = batch["window"][i, 0].astype(int)
+    assert (sx, sy, vw, vh) == (1, 1, min(48, w), 48)
+    assert x0 <= x and x + bw <= x0 + vw and y0 <= y and y + bh <= y0 + vh  # holds the box
+    np.testing.assert_array_equal(batch["image"][i, 0, :vh, :vw], png[y0:y0 + vh, x0:x0 + vw])
+    half = (round(w / 2), round(h / 2))
+    ref = np.asarray(Image.fromarray(png).resize(half, Image.LANCZOS))
+    np.testing.assert_allclose(batch["window"][i, 1], [0, 0, w / half[0], h / half[1], *half],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(batch["image"][i, 1, :half[1], :half[0]], ref)
+    # The t = 0 hash crop (the box, integer-truncated): its gray pixels, whole (n <= 448).
+    x1, y1, x2, y2 = (int(v) for v in batch["box"][i])
+    gray = cv2.cvtColor(png, cv2.COLOR_RGB2GRAY)
+    np.testing.assert_array_equal(batch["hash_pixels"][i, 0, :y2 - y1, :x2 - x1],
+                                  gray[y1:y2, x1:x2])
 
 
 def test_eval_padding_and_sharding(world, tok):
@@ -287,7 +307,7 @@ def test_eval_padding_and_sharding(world, tok):
   runs = []
   for p in range(2):
     ev = pipeline.make_eval_iterator(val, global_batch_size=2 * local, tokenizer=tok,
-                                     max_image_size=S, process_index=p, process_count=2)
+                                     window_size=S, process_index=p, process_count=2)
     batches = list(ev)
     assert len(batches) == len(ev) == -(-(-(-n // 2)) // local)
     assert len(list(ev)) == len(batches)  # re-iterable
@@ -296,7 +316,8 @@ def test_eval_padding_and_sharding(world, tok):
   refs = {a["id"]: a["caption"] for a in synthetic.load_split(world, "val")["annotations"]}
   for batches in runs:
     for b in batches:
-      assert b["image"].shape == (local, S, S, 3) and b["mask"].dtype == np.bool_
+      assert b["image"].shape == (local, 1, S, S, 3) and b["mask"].dtype == np.bool_
+      assert "hash_pixels" not in b  # the images fit in one window: hashes read it
       for rid, m, caps in zip(b["region_id"], b["mask"], b["captions"]):
         if m:
           seen.append(int(rid))

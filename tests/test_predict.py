@@ -109,12 +109,12 @@ def test_library_validation():
   # Views by hand (SPEC §2): box(t) = b + t·(I − b), truncated; image 120 wide, 90 high.
   assert predict.view_boxes_in_image(np.array([10, 20, 50, 40.5]), (90, 120), [0, 0.5, 1]) == [
       [10, 20, 50, 40], [5, 10, 85, 65], [0, 0, 120, 90]]
-  # Shrunk to the model's side 60: scale 0.5, boxes with it, zero padding below.
-  image = np.full((90, 120, 3), 200, np.uint8)
-  padded, hw2, boxes, scale = predict.prepare_image(image, np.float32([[10, 20, 50, 40]]), 60)
-  assert padded.shape == (60, 60, 3) and tuple(hw2) == (45, 60) and scale == 0.5
-  np.testing.assert_allclose(boxes, [[5, 10, 25, 20]])
-  assert (padded[45:] == 0).all() and (padded[:45] == 200).all()
+  # Images are never shrunk: one window of data.window_size (64 here) when every image of the
+  # batch fits in it, else the one layout of full-resolution windows and levels.
+  from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
+  assert predict.batch_layout(config, [(60, 64), (64, 10)]) == windows.Layout(64, 1, False)
+  assert predict.batch_layout(config, [(60, 64), (90, 120)]) == windows.Layout(
+      windows.CONTEXT_SIDE, windows.MAX_LEVELS, True)
 
 
 @pytest.fixture(scope="module")

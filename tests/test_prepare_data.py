@@ -71,8 +71,8 @@ def test_vg_end_to_end(tmp_path):
   tok = tok_lib.build_tokenizer(list(src.table.caption) + src.table.tag_vocab,
                                 str(tmp_path / "tok"))
   batch = next(pipeline.make_train_iterator(src, global_batch_size=4, seed=0, tokenizer=tok,
-                                            max_image_size=64, with_ids=True))
-  assert batch["image"].shape == (4, 64, 64, 3) and batch["tags"].shape == (4, 6)
+                                            window_size=64, with_ids=True))
+  assert batch["image"].shape == (4, 1, 64, 64, 3) and batch["tags"].shape == (4, 6)
   assert (batch["category"] == -1).all() and (batch["attributes"].shape == (4, 0))
 
 
@@ -104,7 +104,7 @@ def test_coco_report_counts_bad_images(tmp_path):
   report = prepare_data.main(["--dataset", "coco", "--split", "val", "--out", out,
                               "--image_dir", os.path.join(root, "images"),
                               "--annotations", os.path.join(root, "instances.json"),
-                              "--max_image_size", "100", "--no_tfrecords"])
+                              "--no_tfrecords"])
   assert report["skipped"]["image_corrupt"] == 2 and report["skipped"]["image_missing"] == 1
   assert report["regions_out"] == 5 and "shards" not in report
   assert len(report["examples"]["image_corrupt"]) == 2

@@ -643,7 +643,7 @@ def parse_args(argv):
   p.add_argument("--new-tokens", type=int, default=20)
   p.add_argument("--repetition-penalty", type=float, default=1.5)
   p.add_argument("--image-size", type=int, default=0,
-                 help="padded image side of the batch (0: config.data.max_image_size, else 640)")
+                 help="padded image side of the batch (0: config.data.window_size, else 640)")
   p.add_argument("--num-tags", type=int, default=4585)
   p.add_argument("--num-templates", type=int, default=474)
   p.add_argument("--num-attributes", type=int, default=117)
@@ -690,7 +690,7 @@ def main(argv=None) -> int:
   else:
     ids = text_token_ids(config, num_tags=args.num_tags, num_templates=args.num_templates,
                          num_attributes=args.num_attributes, num_classes=args.num_classes)
-  image_size = args.image_size or config.get("data", {}).get("max_image_size", 640)
+  image_size = args.image_size or config.get("data", {}).get("window_size", 640)
   text_len = config.model.text.context_length
   batch = random_batch(config, args.regions, image_size=image_size, text_len=text_len,
                        num_tags=ids["tags"].shape[0],

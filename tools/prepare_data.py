@@ -2,8 +2,8 @@ r"""Prepares a real dataset split from its public annotation files on local disk
 
 Writes, under --out:
   <split>.json                      cleaned region records (read by sources.JsonSource)
-  images/<split>/<image_id>.png     repaired images only (mode, EXIF, oversize); others are used
-                                    in place
+  images/<split>/<image_id>.png     repaired images only (mode, EXIF; lossless, at their own
+                                    resolution); others are used in place
   <split>-NNNNN-of-MMMMM.tfrecord   self-contained shards: one tf.train.Example per image with its
                                     encoded bytes and all its regions (see `_example`)
   <split>_report.json               what was repaired or skipped, and why (builders/common.py)
@@ -123,8 +123,8 @@ def write_shards(data: dict, out_dir: str, split: str, images_per_shard: int) ->
   return paths
 
 
-def prepare(dataset: str, split: str, out_dir: str, args, *, max_image_size: int = 1024,
-            images_per_shard: int = 1000, write_tfrecords: bool = True) -> dict:
+def prepare(dataset: str, split: str, out_dir: str, args, *, images_per_shard: int = 1000,
+            write_tfrecords: bool = True) -> dict:
   """Reads, cleans and writes one split; returns the report (also written as JSON)."""
   os.makedirs(out_dir, exist_ok=True)
   records, info = read(dataset, split, args)
@@ -132,7 +132,7 @@ def prepare(dataset: str, split: str, out_dir: str, args, *, max_image_size: int
   if getattr(args, "tag_list", None):
     parser = tags_lib.TagParser(tags_lib.load_vocabulary(args.tag_list))
   data, report = common.clean_split(
-      records, out_dir=out_dir, split=split, max_image_size=max_image_size,
+      records, out_dir=out_dir, split=split,
       categories=info.get("categories"), attribute_names=info.get("attributes"),
       max_caption_tokens=info.get("max_caption_tokens"), tag_parser=parser)
   if info.get("mismatched"):
@@ -140,7 +140,7 @@ def prepare(dataset: str, split: str, out_dir: str, args, *, max_image_size: int
                 info["mismatched"])
   _atomic_json(os.path.join(out_dir, f"{split}.json"), data)
   out = report.to_json()
-  out.update({"dataset": dataset, "split": split, "max_image_size": max_image_size})
+  out.update({"dataset": dataset, "split": split})
   if write_tfrecords:
     out["shards"] = [os.path.basename(p) for p in
                      write_shards(data, out_dir, split, images_per_shard)]
@@ -159,12 +159,11 @@ def main(argv=None) -> dict:
   p.add_argument("--image_data")
   p.add_argument("--densecap_splits")
   p.add_argument("--tag_list", help="tag vocabulary file, e.g. RAM ram_tag_list.txt")
-  p.add_argument("--max_image_size", type=int, default=1024)
   p.add_argument("--images_per_shard", type=int, default=1000)
   p.add_argument("--no_tfrecords", action="store_true")
   args = p.parse_args(argv)
   report = prepare(args.dataset, args.split, args.out, args,
-                   max_image_size=args.max_image_size, images_per_shard=args.images_per_shard,
+                   images_per_shard=args.images_per_shard,
                    write_tfrecords=not args.no_tfrecords)
   print(json.dumps({k: report[k] for k in ("regions_in", "regions_out", "images_out",
                                            "repaired", "skipped")}, indent=1))

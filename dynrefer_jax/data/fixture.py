@@ -154,7 +154,7 @@ def ensure(root: str) -> dict[str, str]:
     for split, builder in splits:
       records, info = _read(dataset, builder, split, p)
       data, _ = common.clean_split(
-          records, out_dir=out, split=split, max_image_size=1024,
+          records, out_dir=out, split=split,
           categories=info.get("categories"), attribute_names=info.get("attributes"),
           max_caption_tokens=info.get("max_caption_tokens"),
           tag_parser=parser if split == "train" else None)

@@ -3,8 +3,9 @@
     img = images.upright_rgb8(PIL.Image.open(path))     # PIL image, mode "RGB"
 
 `tools/prepare_data.py` (builders/common.check_image) writes training and evaluation images by
-these rules, and `predict.load_image` and the demo's upload decode users' images by the same
-rules, so a photo is seen the way it was in training:
+these rules (at their own resolution), the input pipeline decodes them with `decode`, and
+`predict.load_image` and the demo's upload decode users' images by the same rules, so a photo
+is seen the way it was in training:
 - EXIF orientation (tag 0x0112) != 1: the pixels are transposed to the display orientation (what
   an image viewer, a browser and an annotator show); box coordinates are in that frame;
 - 16-bit and 32-bit integer grey ("I;16", "I"): scaled to 8 bit (by 65535 when any value
@@ -12,14 +13,35 @@ rules, so a photo is seen the way it was in training:
 - alpha (RGBA, LA, PA, P with a transparent colour): composited on black, the colour of the
   zero padding around images in a batch;
 - every other mode (L, P, CMYK, YCbCr, 1, ...): PIL's conversion to RGB.
+
+Images up to MAX_PIXELS (12000 × 12000) are read at full resolution; PIL's decompression-bomb
+warning is raised to that limit (the views are cut from windows, views/windows.py, so the
+model's memory does not grow with the image).
 """
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from PIL import Image, ImageOps
 
 EXIF_ORIENTATION = 0x0112
+MAX_PIXELS = 12000 * 12000
+# PIL warns above MAX_IMAGE_PIXELS and refuses above twice that: warn only beyond our limit.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_PIXELS)
+
+
+class ImageTooLarge(ValueError):
+  """More than MAX_PIXELS pixels; the message says so in one line."""
+
+
+def check_size(img: Image.Image, name: str = "the image") -> None:
+  """ImageTooLarge when `img` (opened, not necessarily loaded) exceeds MAX_PIXELS."""
+  w, h = img.size
+  if w * h > MAX_PIXELS:
+    raise ImageTooLarge(f"{name} is too large: {w}x{h} pixels (at most "
+                        f"{MAX_PIXELS / 1e6:g} megapixels, e.g. 12000x12000)")
 
 
 def orientation(img: Image.Image) -> int:
@@ -50,3 +72,11 @@ def upright_rgb8(img: Image.Image) -> Image.Image:
   if orientation(img) != 1:
     img = ImageOps.exif_transpose(img)
   return to_rgb8(img) if needs_rgb8(img) else img
+
+
+def decode(data: bytes) -> np.ndarray:
+  """uint8[H, W, 3]: an encoded image file's bytes decoded by the rules above."""
+  with Image.open(io.BytesIO(data)) as img:
+    check_size(img)
+    img.load()
+    return np.asarray(upright_rgb8(img), np.uint8)

@@ -11,15 +11,17 @@ form the global batch. The remainder of each epoch (N mod G rows, different rows
 dropped. Control words (SPEC §7c) are drawn on the host by numpy generators seeded by (seed,
 epoch, row), so they are reproducible and resumable too, and tokenised as whole strings.
 
-Images stay at their stored resolution unless a side exceeds `max_image_size` (then they are
-resized down keeping the aspect ratio, and the box with them), and are zero-padded bottom/right
-to [S, S, 3]; the true size is `image_hw`. Views are cut on the device.
+Images are decoded at full resolution (PIL, data/images.py) and each row carries its region's
+windows (views/windows.py): the whole image zero-padded to [S, S] when it fits in
+`window_size`, else a full-resolution window around the box and coarser levels, with the hash
+pixels in evaluation batches; boxes stay in image pixels. Views are cut on the device.
 
 TensorFlow is kept off the accelerators (it would otherwise grab GPU memory).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable, Iterator
 
@@ -27,7 +29,9 @@ import numpy as np
 
 from dynrefer_jax.data import captions as captions_lib
 from dynrefer_jax.data import control_words
+from dynrefer_jax.data import images as images_lib
 from dynrefer_jax.data import sources as sources_lib
+from dynrefer_jax.views import windows
 
 _tf = None
 
@@ -133,24 +137,36 @@ def _pad_to(ids, length: int):
   return tf.ensure_shape(tf.pad(ids, [[0, length - tf.shape(ids)[0]]]), [length])
 
 
-def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
+def _region_input(lay: windows.Layout, data: bytes, box: np.ndarray):
+  """Host side of `_image_keys`: decode (data/images.py rules), levels, the region's windows."""
+  image = images_lib.decode(data)
+  row = windows.region_input(windows.pyramid(image, lay.side, lay.levels), box, lay)
+  return tuple(row[k] for k in _image_key_names(lay))
+
+
+def _image_key_names(lay: windows.Layout) -> tuple[str, ...]:
+  return ("image", "image_hw", "window") + (("hash_pixels",) if lay.hash else ())
+
+
+def _image_keys(path, box, lay: windows.Layout) -> dict:
+  """The image keys of one row (ARCHITECTURE.md batch format): decoded and cut on the host by
+  `windows.region_input` (PIL releases the GIL while decoding and resizing, so the parallel
+  map runs rows concurrently)."""
+  tf = _tensorflow()
+  names = _image_key_names(lay)
+  types = {"image": tf.uint8, "image_hw": tf.int32, "window": tf.float32,
+           "hash_pixels": tf.uint8}
+  shapes = {"image": [lay.levels, lay.side, lay.side, 3], "image_hw": [2],
+            "window": [lay.levels, windows.GEOMETRY],
+            "hash_pixels": [windows.HASH_CROPS, windows.HASH_SIDE, windows.HASH_SIDE]}
+  out = tf.numpy_function(functools.partial(_region_input, lay), [tf.io.read_file(path), box],
+                          [types[k] for k in names], stateful=False)
+  return {k: tf.ensure_shape(v, shapes[k]) for k, v in zip(names, out)}
+
+
+def _load_row(t: _Tables, row, lay: windows.Layout, control_seed=None):
   """One example dict (ARCHITECTURE.md batch format, unbatched) for table row `row`."""
   tf = _tensorflow()
-  s = max_image_size
-  image = tf.io.decode_image(tf.io.read_file(t.image_path[row]), channels=3,
-                             expand_animations=False, dtype=tf.uint8)
-  hw = tf.shape(image)[:2]
-  scale = tf.minimum(1.0, s / tf.cast(tf.reduce_max(hw), tf.float32))
-  new_hw = tf.maximum(1, tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32))
-  new_hw = tf.minimum(new_hw, s)
-  image = tf.cond(
-      scale < 1.0,
-      lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-          image, new_hw, method="bilinear", antialias=True)), 0, 255), tf.uint8),
-      lambda: image)
-  image = tf.image.pad_to_bounding_box(image, 0, 0, s, s)
-  sy, sx = tf.unstack(tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32))
-  box = t.box[row] * tf.stack([sx, sy, sx, sy])
   tags = tf.gather(t.tag_ids, row) if t.tag_ids is not None else tf.zeros([0], tf.int32)
   multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
   if control_seed is None:
@@ -159,9 +175,8 @@ def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
     control, control_text = _control_ids(t, row, control_seed)
   caption_ids = _pad_to(t.caption_ids[row], t.caption_len)
   ex = {
-      "image": tf.ensure_shape(image, [s, s, 3]),
-      "image_hw": new_hw,
-      "box": box,
+      **_image_keys(t.image_path[row], t.box[row], lay),
+      "box": t.box[row],
       "caption_ids": caption_ids,
       "caption_mask": tf.cast(caption_ids != 0, tf.int32),
       "control_ids": control,
@@ -176,6 +191,13 @@ def _load_row(t: _Tables, row, max_image_size: int, control_seed=None):
   return ex
 
 
+def layout_for(source: sources_lib.Source, window_size: int, *, hash: bool) -> windows.Layout:
+  """The windows' layout for a source's images (views/windows.layout); `hash` False drops the
+  hash pixels (training never hashes)."""
+  lay = windows.layout(source.max_image_side, window_size)
+  return windows.Layout(lay.side, lay.levels, lay.hash and hash)
+
+
 def _options(ds):
   tf = _tensorflow()
   opts = tf.data.Options()
@@ -185,7 +207,7 @@ def _options(ds):
 
 
 def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, seed: int,
-                        tokenizer, max_image_size: int, process_index: int = 0,
+                        tokenizer, window_size: int, process_index: int = 0,
                         process_count: int = 1, start_step: int = 0, caption_len: int = 32,
                         control_len: int = 32, text_len: int = 32, prefetch: int = 2,
                         with_ids: bool = False, text_tokenizer=None,
@@ -193,6 +215,8 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
   """Endless iterator of this process's training batches (dict of numpy arrays, B = global /
   process_count rows), starting at global step `start_step`. See the module docstring.
 
+  window_size: config.data.window_size, the side of the windows views are cut from
+    (views/windows.py; the layout follows the source's largest image).
   with_ids: also yield `image_id`, `region_id` (int64[B]) and `control_text` (bytes[B]: the
     control string whose tokens are `control_ids`), for tests and debugging.
   control_phrases: the caption's noun/adjective-led phrases are control-word candidates besides
@@ -210,6 +234,7 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
   local = global_batch_size // process_count
   t = _Tables(source.table, tokenizer, caption_len, control_len, text_len, text_tokenizer,
               control_phrases)
+  lay = layout_for(source, window_size, hash=False)
 
   def example(counter):
     step, r = counter // local, counter % local
@@ -218,7 +243,7 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
     epoch_seed = tf.stack([tf.cast(seed, tf.int64), epoch])
     row = tf.random.experimental.index_shuffle(position, epoch_seed, n - 1)
     control_seed = tf.stack([tf.cast(seed, tf.int64), epoch, row])
-    ex = _load_row(t, row, max_image_size, control_seed)
+    ex = _load_row(t, row, lay, control_seed)
     ex["mask"] = tf.constant(True)  # training batches are never padded
     control_text = ex.pop("control_text")
     if with_ids:
@@ -241,7 +266,7 @@ class EvalIterable:
   and `captions`: a list of B reference lists (empty for padding rows).
   """
 
-  def __init__(self, source, *, global_batch_size, tokenizer, max_image_size, process_index=0,
+  def __init__(self, source, *, global_batch_size, tokenizer, window_size, process_index=0,
                process_count=1, caption_len=32, control_len=32, text_len=32, prefetch=2,
                text_tokenizer=None):
     if global_batch_size % process_count:
@@ -251,7 +276,7 @@ class EvalIterable:
     self.start, self.end = source.process_range(process_index, process_count)
     largest = -(-source.num_examples // process_count)
     self.num_steps = -(-largest // self.local)
-    self.max_image_size = max_image_size
+    self.layout = layout_for(source, window_size, hash=True)
     self.prefetch = prefetch
     self._t = _Tables(source.table, tokenizer, caption_len, control_len, text_len,
                       text_tokenizer)
@@ -266,7 +291,7 @@ class EvalIterable:
     def example(c):
       valid = c < count
       row = tf.where(valid, start + c, min(start, max(t.n - 1, 0)))
-      ex = _load_row(t, row, self.max_image_size)
+      ex = _load_row(t, row, self.layout)
       ex["mask"] = valid
       ex["row"] = row
       ex["image_id"] = t.image_id[row]

@@ -108,7 +108,7 @@ def _prepare_synthetic(config, workdir: str) -> Data:
 
   import jax  # pylint: disable=import-outside-toplevel
   pidx, pcount = jax.process_index(), jax.process_count()
-  kw = dict(max_image_size=d.max_image_size, tokenizer=tok, caption_len=d.caption_len,
+  kw = dict(window_size=d.window_size, tokenizer=tok, caption_len=d.caption_len,
             control_len=d.control_len, text_len=text_len)
   train_source = sources.SyntheticSource(root, "train")
 
@@ -408,7 +408,7 @@ def _prepare_real(config, workdir: str) -> Data:
 
   import jax  # pylint: disable=import-outside-toplevel
   pidx, pcount = jax.process_index(), jax.process_count()
-  kw = dict(max_image_size=d.max_image_size, tokenizer=tok, caption_len=d.caption_len,
+  kw = dict(window_size=d.window_size, tokenizer=tok, caption_len=d.caption_len,
             control_len=d.control_len, text_len=text_len, text_tokenizer=text_tok)
   eval_tables: dict[str, sources.RegionTable] = {}
 

@@ -35,6 +35,9 @@ class RegionTable:
   tag_ids:      list of int arrays, the union of tag_set1 and tag_set2 (indices into tag_vocab).
   category:     int32[N]    index into `categories`, -1 when the dataset has none (VG).
   attributes:   int32[N, A] 1 positive, 0 negative, -1 ignore (all -1 when the dataset has none).
+  max_image_side: the longest side of the split's images in pixels (0: not recorded; the
+                source then reads the image headers). It sets the windows' layout
+                (views/windows.py), which must be static for a run.
   """
   image_path: np.ndarray
   image_id: np.ndarray
@@ -48,6 +51,7 @@ class RegionTable:
   tag_vocab: list[str]
   categories: list[str]
   attribute_names: list[str]
+  max_image_side: int = 0
 
   def __len__(self) -> int:
     return len(self.image_id)
@@ -72,6 +76,19 @@ class Source:
   def num_examples(self) -> int:
     return len(self.table)
 
+  @property
+  def max_image_side(self) -> int:
+    """The longest side of the split's images: recorded in the table, else from the image
+    files' headers (PIL reads the size without decoding)."""
+    if self.table.max_image_side:
+      return int(self.table.max_image_side)
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    side = 1
+    for path in dict.fromkeys(self.table.image_path.tolist()):
+      with Image.open(path) as img:
+        side = max(side, *img.size)
+    return side
+
   def process_range(self, process_index: int, process_count: int) -> tuple[int, int]:
     """The contiguous [start, end) shard of rows that `process_index` evaluates."""
     n = self.num_examples
@@ -92,6 +109,9 @@ def table_from_coco_style(data: dict[str, Any], image_root: str, *, tag_vocab: S
   att_vec? [A]}].
   """
   files = {im["id"]: os.path.join(image_root, im["file_name"]) for im in data["images"]}
+  sizes = [max(im.get("width", 0), im.get("height", 0)) for im in data["images"]]
+  # Recorded only when every image has its size (else the source reads the headers).
+  max_side = max(sizes) if sizes and min(sizes) > 0 else 0
   tag_index = {t: i for i, t in enumerate(tag_vocab)}
   cat_index = {c: i for i, c in enumerate(categories)}
   anns = data["annotations"]
@@ -124,7 +144,8 @@ def table_from_coco_style(data: dict[str, Any], image_root: str, *, tag_vocab: S
       region_id=np.asarray([a["id"] for a in anns], np.int64),
       box=box, caption=np.asarray(captions, dtype=object), references=refs, tag_ids=tag_ids,
       category=category, attributes=attributes, tag_vocab=list(tag_vocab),
-      categories=list(categories), attribute_names=list(attribute_names))
+      categories=list(categories), attribute_names=list(attribute_names),
+      max_image_side=max_side)
 
 
 class SyntheticSource(Source):

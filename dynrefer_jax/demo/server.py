@@ -42,6 +42,7 @@ DEFAULT_CHECKPOINT = "workdirs/synthetic"
 TASK_TS = predict.TASK_TS
 NUM_EXAMPLES = 6
 MAX_STORED_IMAGES = 8
+MAX_STORED_BYTES = 2 * 2**30  # and at most this much of them (the newest is always kept)
 
 
 class DemoError(ValueError):
@@ -54,8 +55,10 @@ class DemoError(ValueError):
 
 @dataclasses.dataclass
 class Limits:
-  max_upload_bytes: int = 20 * 2**20
-  max_pixels: int = 40_000_000
+  """What an upload may be. The model reads any image up to data/images.MAX_PIXELS (12000 ×
+  12000) at full resolution, so the defaults admit that; a smaller limit is a server choice."""
+  max_upload_bytes: int = 100 * 2**20
+  max_pixels: int = 144_000_000
   max_boxes: int = 16
 
 
@@ -103,6 +106,8 @@ def decode_image(data: bytes, name: str, limits: Limits) -> np.ndarray:
   except (OSError, ValueError, SyntaxError) as e:
     first = (str(e).splitlines() or ["unreadable"])[0]
     raise DemoError(f"{label} could not be read as an image: {first}") from None
+  except MemoryError:
+    raise DemoError(f"{label} needs more memory to decode than the server has", 413) from None
   if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
     raise DemoError(f"{label} is an empty image")
   return arr
@@ -220,7 +225,9 @@ class Engine:
     image_id = secrets.token_hex(8)
     with self._images_lock:
       self._images[image_id] = image
-      while len(self._images) > MAX_STORED_IMAGES:
+      while len(self._images) > MAX_STORED_IMAGES or (
+          len(self._images) > 1 and sum(a.nbytes for a in self._images.values()) >
+          MAX_STORED_BYTES):
         self._images.popitem(last=False)
     return image_id, image
 
@@ -290,16 +297,20 @@ class Engine:
             "seconds": round(time.perf_counter() - start, 3)}
 
   def warm_up(self) -> float:
-    """Compiles both predict paths (image prior and fixed t) so that no user waits for it."""
+    """Compiles both predict paths (image prior and fixed t) so that no user waits for it, for
+    images that fit in the model's window and for larger ones (their own layout of windows:
+    predict.batch_layout)."""
     start = time.perf_counter()
     image = next(iter(self.examples.values()))["image"] if self.examples else np.zeros(
         (64, 64, 3), np.uint8)
-    h, w = image.shape[:2]
-    box = [[0, 0, max(1, w // 2), max(1, h // 2)]]
-    with self._model_lock:
-      self.runner.predict(image, box, "auto")
-      if not self.fixed_by_config:
-        self.runner.predict(image, box, next(iter(self.task_ts.values())))
+    side = int(self.runner.config.data.window_size) + 1
+    for img in (image, np.zeros((side, side, 3), np.uint8)):
+      h, w = img.shape[:2]
+      box = [[0, 0, max(1, w // 2), max(1, h // 2)]]
+      with self._model_lock:
+        self.runner.predict(img, box, "auto")
+        if not self.fixed_by_config:
+          self.runner.predict(img, box, next(iter(self.task_ts.values())))
     return time.perf_counter() - start
 
   def info(self) -> dict:
@@ -471,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {DEFAULT_CHECKPOINT}, the main job's)")
     p.add_argument("--port", type=int, default=7860, help="0 picks a free port")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-upload-mb", type=float, default=20.0)
-    p.add_argument("--max-megapixels", type=float, default=40.0)
+    p.add_argument("--max-upload-mb", type=float, default=100.0)
+    p.add_argument("--max-megapixels", type=float, default=144.0,
+                   help="at most 144 (12000 x 12000, the model's limit)")
     args = p.parse_args(rest)
     spec = spec or DEFAULT_CONFIG
     config = config_lib.load(spec, overrides)
@@ -485,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
       raise DemoError(f"--port must be in [0, 65535], got {args.port}")
     if args.batch_size < 1:
       raise DemoError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not (args.max_upload_mb > 0 and args.max_megapixels > 0):
-      raise DemoError("--max-upload-mb and --max-megapixels must be positive")
+    if not (args.max_upload_mb > 0 and 0 < args.max_megapixels <= 144):
+      raise DemoError("--max-upload-mb must be positive and --max-megapixels in (0, 144]")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20),
                     max_pixels=int(args.max_megapixels * 1e6))
   except (DemoError, predict.PredictError, config_lib.ConfigError) as e:

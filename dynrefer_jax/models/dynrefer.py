@@ -320,7 +320,7 @@ class DynRefer(nnx.Module):
     b = batch["box"].shape[0]
     ts = self.train_views(view_rng, b) if train else batch["ts"]
     pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
-                                       c.vit.image_size)
+                                       c.vit.image_size, window=batch.get("window"))
     z = self.encode_views(pixels, vboxes, train=train, rngs=rngs)
     mask = batch.get("mask")
     tables = self.text_tables()
@@ -370,7 +370,7 @@ class DynRefer(nnx.Module):
     """
     c = self.config
     pixels, vboxes = views.build_views(batch["image"], batch["image_hw"], batch["box"], ts,
-                                       c.vit.image_size)
+                                       c.vit.image_size, window=batch.get("window"))
     z = self.encode_views(pixels, vboxes)
     tables = self.text_tables()
     tag_scores = jax.nn.sigmoid(self.tag_logits(z, tables))

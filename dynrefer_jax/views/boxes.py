@@ -11,6 +11,9 @@ exactly:
     original's torchvision `Resize` scales an int64 `BoundingBoxes` and casts back to int64).
 
 Shapes: B regions, V views. Boxes are (x1, y1, x2, y2) in pixels; `image_hw` is (height, width).
+The functions run on the device (jnp, inside jit) and, with `xp=np`, on the host with the same
+float32 operations (the host builds each region's windows and hash samples around the crops the
+device will cut: `views.windows`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 CANDIDATE_TS = tuple((k + 1) / 10 for k in range(10))
 
 
-def force_min_size(box: jax.Array, image_hw: jax.Array) -> jax.Array:
+def force_min_size(box: jax.Array, image_hw: jax.Array, *, xp=jnp) -> jax.Array:
   """Forces a referent box to at least 1 px wide and high, as the original annotation reader.
 
   Its rule, per axis: if x1 >= x2 − 1 then x1 := x2 − 1 when x2 > 0, else x2 := x1 + 1 when
@@ -35,17 +38,18 @@ def force_min_size(box: jax.Array, image_hw: jax.Array) -> jax.Array:
   Returns:
     float32[B, 4].
   """
-  box = box.astype(jnp.float32)
-  size = image_hw[:, ::-1].astype(jnp.float32)  # (W, H)
+  box = xp.asarray(box).astype(xp.float32)
+  size = xp.asarray(image_hw)[:, ::-1].astype(xp.float32)  # (W, H)
   lo, hi = box[:, :2], box[:, 2:]
   thin = lo >= hi - 1
   move_lo = thin & (hi > 0)
   move_hi = thin & ~move_lo & (size - lo > 0)
-  lo, hi = jnp.where(move_lo, hi - 1, lo), jnp.where(move_hi, lo + 1, hi)
-  return jnp.concatenate([lo, hi], axis=-1)
+  lo, hi = xp.where(move_lo, hi - 1, lo), xp.where(move_hi, lo + 1, hi)
+  return xp.concatenate([lo, hi], axis=-1)
 
 
-def interpolate_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array) -> jax.Array:
+def interpolate_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array, *, xp=jnp
+                      ) -> jax.Array:
   """box(t) = b + (I − b)·t in float32, before clipping (the hash crops of the original).
 
   Args:
@@ -53,20 +57,21 @@ def interpolate_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array) -> jax
   Returns:
     float32[B, V, 4].
   """
-  b = force_min_size(box, image_hw)
-  h, w = image_hw[:, 0].astype(jnp.float32), image_hw[:, 1].astype(jnp.float32)
-  zero = jnp.zeros_like(h)
-  full = jnp.stack([zero, zero, w, h], axis=-1)
-  step = (full - b)[:, None, :] * ts.astype(jnp.float32)[:, :, None]
+  b = force_min_size(box, image_hw, xp=xp)
+  image_hw = xp.asarray(image_hw)
+  h, w = image_hw[:, 0].astype(xp.float32), image_hw[:, 1].astype(xp.float32)
+  zero = xp.zeros_like(h)
+  full = xp.stack([zero, zero, w, h], axis=-1)
+  step = (full - b)[:, None, :] * xp.asarray(ts).astype(xp.float32)[:, :, None]
   # numpy rounds the product before adding; XLA's backend would contract the two into one
   # FMA (a single rounding), which moves truncated coordinates by a pixel in ~1% of boxes.
   # A select between them (a no-op here: it only maps NaN to 0, and NaN boxes are rejected)
   # breaks the multiply-add pattern, so the product is rounded to float32 as in numpy.
-  step = jnp.where(step == step, step, 0.0)
+  step = xp.where(step == step, step, xp.float32(0.0))
   return b[:, None, :] + step
 
 
-def clip_truncate(box: jax.Array, image_hw: jax.Array) -> jax.Array:
+def clip_truncate(box: jax.Array, image_hw: jax.Array, *, xp=jnp) -> jax.Array:
   """Clips float boxes [..., 4] to [0, W]×[0, H] and truncates to int32 (as `.to(int64)`).
 
   Args:
@@ -75,17 +80,18 @@ def clip_truncate(box: jax.Array, image_hw: jax.Array) -> jax.Array:
     int32[B, ..., 4].
   """
   extra = (1,) * (box.ndim - 2)
-  h = image_hw[:, 0].astype(jnp.float32).reshape((-1,) + extra)
-  w = image_hw[:, 1].astype(jnp.float32).reshape((-1,) + extra)
-  x1 = jnp.clip(box[..., 0], 0, w)
-  y1 = jnp.clip(box[..., 1], 0, h)
-  x2 = jnp.clip(box[..., 2], 0, w)
-  y2 = jnp.clip(box[..., 3], 0, h)
+  image_hw = xp.asarray(image_hw)
+  h = image_hw[:, 0].astype(xp.float32).reshape((-1,) + extra)
+  w = image_hw[:, 1].astype(xp.float32).reshape((-1,) + extra)
+  x1 = xp.clip(box[..., 0], 0, w)
+  y1 = xp.clip(box[..., 1], 0, h)
+  x2 = xp.clip(box[..., 2], 0, w)
+  y2 = xp.clip(box[..., 3], 0, h)
   # Values are >= 0 after clipping, so truncation toward zero equals floor.
-  return jnp.stack([x1, y1, x2, y2], axis=-1).astype(jnp.int32)
+  return xp.stack([x1, y1, x2, y2], axis=-1).astype(xp.int32)
 
 
-def view_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array) -> jax.Array:
+def view_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array, *, xp=jnp) -> jax.Array:
   """Integer crop boxes of the views box(t) (SPEC §2).
 
   Args:
@@ -95,7 +101,7 @@ def view_boxes(box: jax.Array, image_hw: jax.Array, ts: jax.Array) -> jax.Array:
   Returns:
     int32[B, V, 4] crop boxes, clipped to the image and truncated.
   """
-  return clip_truncate(interpolate_boxes(box, image_hw, ts), image_hw)
+  return clip_truncate(interpolate_boxes(box, image_hw, ts, xp=xp), image_hw, xp=xp)
 
 
 def boxes_in_views(box: jax.Array, view_boxes: jax.Array, out_size: int,
@@ -158,7 +164,7 @@ def validate_boxes(box: np.ndarray, image_hw: np.ndarray, region_ids=None) -> No
     raise ValueError(f"{name(i)}: box {box[i].tolist()} has x2 < x1 or y2 < y1 after clipping "
                      f"to the {int(w[i])}x{int(h[i])} image")
   # Apply the 1-px rule in numpy and look for crops left empty by clipping.
-  forced = np.asarray(force_min_size(jnp.asarray(box), jnp.asarray(image_hw)))
+  forced = force_min_size(box, image_hw, xp=np)
   upper = np.stack([w, h, w, h], -1)
   x1, y1, x2, y2 = np.clip(forced, 0, upper).astype(np.int64).T
   bad = (x2 <= x1) | (y2 <= y1)

@@ -78,17 +78,33 @@ def max_taps(size: int, out_size: int, support: float) -> int:
 
 
 def _filter_geometry(lo, hi, out_size: int, kernel: str):
-  """PIL's per-output filter window: (centre, xmin, xmax, 1/filterscale, kernel fn), crop-local."""
+  """PIL's per-output filter window for the crop [lo, hi) of one axis.
+
+  lo and hi are pixel coordinates (integers for a crop of the image itself; fractions for a
+  crop of a coarser level, see `views.windows`). Pixel p covers [p, p + 1). Coordinates are
+  local to `base` = floor(lo): the crop starts at delta = lo − base, and PIL's centres
+  (j + ½)·scale move by delta. With integer lo, hi this is PIL's `precompute_coeffs` on the
+  cropped image, operation for operation; with fractions a pixel that the crop only partly
+  covers is taken whole.
+
+  Returns:
+    (base int32, centre float32[out], xmin, xmax float32[out] (window [xmin, xmax) of pixels
+    base + x), 1/filterscale, kernel fn).
+  """
   fn, support = FILTERS[kernel]
-  size = jnp.maximum(hi - lo, 1).astype(jnp.float32)
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  base = jnp.floor(lo)
+  size = jnp.maximum(hi - lo, 1.0)
+  pixels = jnp.maximum(jnp.ceil(hi) - base, 1.0)  # = size for integer crops
   scale = size / out_size
   filterscale = jnp.maximum(scale, 1.0)
   support = support * filterscale
-  center = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  center = (lo - base) + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
   # PIL: xmin = (int)(center - support + 0.5) clamped at 0; xmax likewise clamped at the size.
   xmin = jnp.maximum(jnp.trunc(center - support + 0.5), 0.0)
-  xmax = jnp.minimum(jnp.trunc(center + support + 0.5), size)
-  return center, xmin, xmax, 1.0 / filterscale, fn
+  xmax = jnp.minimum(jnp.trunc(center + support + 0.5), pixels)
+  return base.astype(jnp.int32), center, xmin, xmax, 1.0 / filterscale, fn
 
 
 def _quantise(w: jax.Array) -> jax.Array:
@@ -102,7 +118,8 @@ def resample_weights(lo: jax.Array, hi: jax.Array, out_size: int, taps: int,
   """PIL's resampling weights for the crop [lo, hi) of one axis, banded.
 
   Args:
-    lo, hi: int scalars, the crop on this axis (hi − lo >= 1 pixels).
+    lo, hi: scalars, the crop on this axis (hi − lo >= 1 pixels; see `_filter_geometry` for
+      fractions).
     out_size: output length.
     taps: K, static window length (>= PIL's ksize for this crop; see `max_taps`).
     kernel: "bicubic" or "lanczos".
@@ -111,13 +128,13 @@ def resample_weights(lo: jax.Array, hi: jax.Array, out_size: int, taps: int,
     weights: float32[out, K] normalised weights, quantised to PIL's 22-bit fixed point; zero
       beyond the window.
   """
-  center, xmin, xmax, inv_fs, fn = _filter_geometry(lo, hi, out_size, kernel)
+  base, center, xmin, xmax, inv_fs, fn = _filter_geometry(lo, hi, out_size, kernel)
   x = xmin[:, None] + jnp.arange(taps, dtype=jnp.float32)[None, :]
   inside = x < xmax[:, None]
   w = jnp.where(inside, fn((x - center[:, None] + 0.5) * inv_fs), 0.0)
   total = jnp.sum(w, axis=1, keepdims=True)
   w = jnp.where(total != 0, w / jnp.where(total != 0, total, 1.0), w)
-  start = lo.astype(jnp.int32) + xmin.astype(jnp.int32)
+  start = base + xmin.astype(jnp.int32)
   return start, _quantise(w)
 
 
@@ -132,15 +149,15 @@ def dense_weights(lo: jax.Array, hi: jax.Array, out_size: int, size: int, taps: 
     start: int32[out] first input index of each output's window (as `resample_weights`).
     weights: float32[out, size], zero outside each window.
   """
-  center, xmin, xmax, inv_fs, fn = _filter_geometry(lo, hi, out_size, kernel)
+  base, center, xmin, xmax, inv_fs, fn = _filter_geometry(lo, hi, out_size, kernel)
   x = xmin[:, None] + jnp.arange(taps, dtype=jnp.float32)[None, :]
   total = jnp.sum(jnp.where(x < xmax[:, None], fn((x - center[:, None] + 0.5) * inv_fs), 0.0),
                   axis=1, keepdims=True)
-  local = (jnp.arange(size, dtype=jnp.int32)[None, :] - lo).astype(jnp.float32)
+  local = (jnp.arange(size, dtype=jnp.int32)[None, :] - base).astype(jnp.float32)
   inside = (local >= xmin[:, None]) & (local < xmax[:, None])
   w = jnp.where(inside, fn((local - center[:, None] + 0.5) * inv_fs), 0.0)
   w = jnp.where(total != 0, w / jnp.where(total != 0, total, 1.0), w)
-  return lo.astype(jnp.int32) + xmin.astype(jnp.int32), _quantise(w)
+  return base + xmin.astype(jnp.int32), _quantise(w)
 
 
 def dense_matrix(start: jax.Array, weights: jax.Array, size: int) -> jax.Array:
@@ -299,33 +316,40 @@ def _slab_sizes(size: int) -> tuple[int, ...]:
   return tuple(sorted({w for w in SLABS if w < size} | {size}))
 
 
-def _resize_view_loop(image: jax.Array, box: jax.Array, out_size: int, kernel: str,
-                      block: int) -> jax.Array:
-  """One crop of one image [S_y, S_x, C] → float32[out, out, C] 8-bit levels, PIL's pass order.
+def _resize_view_loop(stack: jax.Array, level: jax.Array, box: jax.Array, out_size: int,
+                      kernel: str, block: int) -> jax.Array:
+  """One crop of one window of [L, S_y, S_x, C] → float32[out, out, C] 8-bit levels, PIL's order.
 
   `lax.switch` runs one branch: PIL's pass order for this crop (see `vertical_first`; no second
-  layout of the image is needed) and a slab of the image across the first pass, the smallest
-  of `_slab_sizes` that holds the crop's extent on that axis (PIL's first pass, too, only
-  covers the crop's rows or columns). The dense weights are zero outside the crop, so slicing
-  them to the slab is exact.
+  layout of the image is needed) and a slab of window `level` across the first pass, the
+  smallest of `_slab_sizes` that holds the crop's extent on that axis (PIL's first pass, too,
+  only covers the crop's rows or columns). The dense weights are zero outside the crop, so
+  slicing them to the slab is exact. `box` is in the window's pixels (fractions allowed).
   """
-  s_y, s_x = image.shape[0], image.shape[1]
+  s_y, s_x = stack.shape[1], stack.shape[2]
   taps_y = max_taps(s_y, out_size, FILTERS[kernel][1])
   taps_x = max_taps(s_x, out_size, FILTERS[kernel][1])
   st_y, w_y = dense_weights(box[1], box[3], out_size, s_y, taps_y, kernel)  # [out, S_y]
   st_x, w_x = dense_weights(box[0], box[2], out_size, s_x, taps_x, kernel)  # [out, S_x]
+  # The pixels the crop touches, [floor(lo), ceil(hi)) per axis (the crop itself when integer).
+  lo = jnp.floor(box[:2]).astype(jnp.int32)
+  hi = jnp.ceil(box[2:]).astype(jnp.int32)
   # Input positions a block of outputs can touch: its span at the largest scale plus a window.
   win_y = min(math.ceil((block - 1) * max(s_y / out_size, 1.0)) + taps_y + 2, s_y)
   win_x = min(math.ceil((block - 1) * max(s_x / out_size, 1.0)) + taps_x + 2, s_x)
-  axes = {0: (st_y, w_y, box[1], box[3], win_y), 1: (st_x, w_x, box[0], box[2], win_x)}
+  axes = {0: (st_y, w_y, lo[1], hi[1], win_y), 1: (st_x, w_x, lo[0], hi[0], win_x)}
 
   def branch(first_axis: int, slab: int):
     other = 1 - first_axis
 
-    def run(image):
+    def run(stack):
       st_o, w_o, lo_o, hi_o, win_o = axes[other]
-      o0 = jnp.clip(lo_o, 0, image.shape[other] - slab)
-      part = jax.lax.dynamic_slice_in_dim(image, o0, slab, axis=other)
+      o0 = jnp.clip(lo_o, 0, stack.shape[1 + other] - slab)
+      start = [level, jnp.int32(0), jnp.int32(0), jnp.int32(0)]
+      start[1 + other] = o0
+      size = list(stack.shape[1:])
+      size[other] = slab
+      part = jax.lax.dynamic_slice(stack, start, [1] + size)[0]
       st_f, w_f, lo_f, hi_f, win_f = axes[first_axis]
       mid = _round_clip8(_pass_blocks(part, st_f, w_f, lo_f, hi_f, first_axis, win_f, block))
       w_o = jax.lax.dynamic_slice_in_dim(w_o, o0, slab, axis=1)
@@ -336,20 +360,21 @@ def _resize_view_loop(image: jax.Array, box: jax.Array, out_size: int, kernel: s
   sizes = {0: _slab_sizes(s_x), 1: _slab_sizes(s_y)}  # slab sides across each first axis
   branches = [branch(a, l) for a in (1, 0) for l in sizes[a]]  # horizontal first, then vertical
   v_first = vertical_first(box, out_size)
-  extent = jnp.where(v_first, box[2] - box[0], box[3] - box[1])
+  extent = jnp.where(v_first, hi[0] - lo[0], hi[1] - lo[1])
   bucket = jnp.where(v_first, jnp.sum(jnp.asarray(sizes[0][:-1]) < extent),
                      jnp.sum(jnp.asarray(sizes[1][:-1]) < extent))
   index = jnp.where(v_first, len(sizes[1]) + bucket, bucket)
-  return jax.lax.switch(index, branches, image)
+  return jax.lax.switch(index, branches, stack)
 
 
-def _resize_loop(images: jax.Array, view_boxes: jax.Array, out_size: int, kernel: str,
-                 block: int = 16) -> jax.Array:
+def _resize_loop(images: jax.Array, levels: jax.Array, view_boxes: jax.Array, out_size: int,
+                 kernel: str, block: int = 16) -> jax.Array:
   """`resize_levels` one region and one view at a time (CPU): [B, V, out, out, C]."""
   def region(args):
-    image, boxes = args
-    return jax.lax.map(lambda box: _resize_view_loop(image, box, out_size, kernel, block), boxes)
-  return jax.lax.map(region, (images, view_boxes.astype(jnp.int32)))
+    stack, level, boxes = args
+    return jax.lax.map(
+        lambda a: _resize_view_loop(stack, a[0], a[1], out_size, kernel, block), (level, boxes))
+  return jax.lax.map(region, (images, levels.astype(jnp.int32), view_boxes.astype(jnp.float32)))
 
 
 def use_loop(images: jax.Array) -> bool:
@@ -361,34 +386,48 @@ def use_loop(images: jax.Array) -> bool:
 
 
 def resize_levels(images: jax.Array, view_boxes: jax.Array, out_size: int, *,
-                  kernel: str = "bicubic", method: str = "auto") -> jax.Array:
+                  kernel: str = "bicubic", method: str = "auto",
+                  levels: jax.Array | None = None) -> jax.Array:
   """Crops and resizes every view box of every image; returns 8-bit levels as float32.
 
   Args:
-    images: uint8/float[B, S_y, S_x, C] zero-padded images (values 0..255); non-square ones
-      are padded to square (the batch contract already is square).
-    view_boxes: int[B, V, 4] integer crop boxes (x1, y1, x2, y2) inside each true image.
+    images: uint8/float[B, S_y, S_x, C] zero-padded images (values 0..255), or [B, L, S_y, S_x,
+      C]: L windows per region (`views.windows`); non-square ones are padded to square.
+    view_boxes: int[B, V, 4] integer crop boxes (x1, y1, x2, y2) inside each true image, or
+      float ones in the pixels of the window `levels` names (fractions on coarser levels).
     out_size: output side.
     kernel: "bicubic" (views) or "lanczos" (imagehash).
     method: "loop" (one view at a time, real slices; CPU), "blocked", "banded", "dense"
       (batched; accelerators and sharded batches), or "auto" (loop on CPU with an unsharded
       batch, else blocked). See the module docstring; all give the same numbers.
+    levels: int[B, V], the window of each view (None: window 0).
   Returns:
     float32[B, V, out, out, C] with integer values in [0, 255], as PIL's 8-bit result.
   """
+  if images.ndim == 4:
+    images = images[:, None]
+  if levels is None:
+    levels = jnp.zeros(view_boxes.shape[:2], jnp.int32)
   if method == "auto":
     method = "loop" if use_loop(images) else "blocked"
   if method == "loop":
-    return _resize_loop(images, view_boxes, out_size, kernel)
-  size = max(images.shape[1], images.shape[2])
+    return _resize_loop(images, levels, view_boxes, out_size, kernel)
+  size = max(images.shape[2], images.shape[3])
   # Kept in the input dtype (uint8 for images): the two layouts below double the image memory,
   # and windows are converted to float32 only once sliced.
-  images = jnp.pad(images, ((0, 0), (0, size - images.shape[1]), (0, size - images.shape[2]),
-                            (0, 0)))
+  images = jnp.pad(images, ((0, 0), (0, 0), (0, size - images.shape[2]),
+                            (0, size - images.shape[3]), (0, 0)))
   taps = max_taps(size, out_size, FILTERS[kernel][1])
-  both = jnp.concatenate([jnp.swapaxes(images, 1, 2), images], axis=1)  # [B, 2S, S, C]
   one = lambda img, box: _resize_one(img, box, out_size, taps, kernel, method)
-  return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(both, view_boxes)
+  boxes = view_boxes.astype(jnp.float32)
+  if images.shape[1] == 1:  # one window per region, shared by its views
+    images = images[:, 0]
+    both = jnp.concatenate([jnp.swapaxes(images, 1, 2), images], axis=1)  # [B, 2S, S, C]
+    return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(both, boxes)
+  # Each view's own window: [B, V, S, S, C].
+  picked = jnp.take_along_axis(images, levels[:, :, None, None, None].astype(jnp.int32), axis=1)
+  both = jnp.concatenate([jnp.swapaxes(picked, 2, 3), picked], axis=2)  # [B, V, 2S, S, C]
+  return jax.vmap(jax.vmap(one))(both, boxes)
 
 
 def normalize(x: jax.Array, mean=CLIP_MEAN, std=CLIP_STD) -> jax.Array:
@@ -399,18 +438,21 @@ def normalize(x: jax.Array, mean=CLIP_MEAN, std=CLIP_STD) -> jax.Array:
 
 
 def crop_resize(images: jax.Array, image_hw: jax.Array, view_boxes: jax.Array, out_size: int,
-                *, method: str = "auto") -> jax.Array:
+                *, method: str = "auto", levels: jax.Array | None = None) -> jax.Array:
   """Bicubic crop-and-resize of each view, as PIL's `crop.resize((out, out), BICUBIC)` / 255.
 
   Args:
-    images: uint8[B, S, S, 3] images zero-padded bottom/right.
+    images: uint8[B, S, S, 3] images zero-padded bottom/right, or uint8[B, L, S, S, 3] windows
+      (`views.windows`).
     image_hw: int[B, 2] true (height, width); the view boxes must already lie inside it
       (`boxes.view_boxes` clips them), so it only documents the contract here.
-    view_boxes: int[B, V, 4] integer crop boxes.
+    view_boxes: int[B, V, 4] integer crop boxes, or float ones in window `levels` pixels.
     out_size: output side (224).
     method: "auto", "loop", "blocked", "banded" or "dense" (same result; see resize_levels).
+    levels: int[B, V] the window of each view (None: window 0).
   Returns:
     float32[B, V, out, out, 3] in [0, 1].
   """
   del image_hw  # the boxes are clipped to the true image by construction
-  return resize_levels(images, view_boxes, out_size, kernel="bicubic", method=method) / 255.0
+  return resize_levels(images, view_boxes, out_size, kernel="bicubic", method=method,
+                       levels=levels) / 255.0

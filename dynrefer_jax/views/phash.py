@@ -353,17 +353,54 @@ def opencv_phash(images: jax.Array, boxes: jax.Array, *, impl: str = "auto") -> 
   return _bits(coef, jnp.mean(coef, axis=(-2, -1), keepdims=True))
 
 
-def imagehash_phash(images: jax.Array, boxes: jax.Array, *, method: str = "auto") -> jax.Array:
+def opencv_phash_sampled(samples: jax.Array, boxes: jax.Array) -> jax.Array:
+  """`opencv_phash` from the pixels each crop's resize reads (`windows.hash_samples`).
+
+  OpenCV's bilinear resize to 224 reads two rows and two columns per output pixel, so a crop of
+  any size is hashed exactly from at most 448 × 448 of its gray pixels: a crop of n <= 448
+  pixels on an axis is given whole (its projection is `bilinear_dct_projection` of [0, n)); a
+  longer one as the taps src_d, src_d + 1 of each output d at positions 2d, 2d + 1, weighted
+  1 − frac_d and frac_d (`bilinear_taps`: never clamped there).
+
+  Args:
+    samples: uint8[B, N, G, G] gray samples (G = 448), rows then columns.
+    boxes: int[B, N, 4] the crops they were taken from (only their sizes matter here).
+  Returns:
+    bool[B, N, 64], as `opencv_phash` of the crops of the full image.
+  """
+  g = samples.shape[-1]
+  basis = jnp.asarray(dct_basis(CV_RESIZE), jnp.float32)  # [8, 224]
+
+  def projection(n):
+    small = bilinear_dct_projection(jnp.int32(0), n, g, basis)  # [8, g]
+    _, frac = bilinear_taps(jnp.int32(0), n, CV_RESIZE)
+    taps = jnp.stack([basis * (1.0 - frac), basis * frac], axis=-1).reshape(HASH_SIZE, -1)
+    taps = jnp.pad(taps, ((0, 0), (0, g - taps.shape[1])))
+    return jnp.where(n <= g, small, taps)
+
+  proj = jax.vmap(jax.vmap(projection))
+  n_y = jnp.maximum(boxes[..., 3] - boxes[..., 1], 1).astype(jnp.int32)
+  n_x = jnp.maximum(boxes[..., 2] - boxes[..., 0], 1).astype(jnp.int32)
+  a_y, a_x = proj(n_y), proj(n_x)  # [B, N, 8, G]
+  rows = jnp.einsum("bnuy,bnyx->bnux", a_y, samples.astype(jnp.float32), precision=_HIGHEST)
+  coef = jnp.einsum("bnux,bnvx->bnuv", rows, a_x, precision=_HIGHEST)
+  return _bits(coef, jnp.mean(coef, axis=(-2, -1), keepdims=True))
+
+
+def imagehash_phash(images: jax.Array, boxes: jax.Array, *, method: str = "auto",
+                    levels: jax.Array | None = None) -> jax.Array:
   """`imagehash.phash(Image.fromarray(crop))` of every crop.
 
   Args:
-    images: uint8[B, S, S, 3]; boxes: int[B, N, 4].
+    images: uint8[B, S, S, 3], or uint8[B, L, S, S, 3] windows (`views.windows`: crops beyond
+      window 0 are then resized from a coarser level, approximately).
+    boxes: int[B, N, 4], or float ones in the pixels of window `levels` int[B, N].
   Returns:
     bool[B, N, 64].
   """
   gray = gray_pil(images)[..., None]
   small = crop_resize.resize_levels(gray, boxes, IMAGEHASH_RESIZE, kernel="lanczos",
-                                    method=method)[..., 0]  # [B, N, 32, 32]
+                                    method=method, levels=levels)[..., 0]  # [B, N, 32, 32]
   basis = jnp.asarray(dct_basis(IMAGEHASH_RESIZE, orthonormal=False), jnp.float32)
   coef = jnp.einsum("uy,bnyx,vx->bnuv", basis, small, basis, precision=_HIGHEST)
   flat = coef.reshape(coef.shape[:2] + (-1,))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynrefer_jax.views import boxes as boxes_lib
-from dynrefer_jax.views import crop_resize, phash
+from dynrefer_jax.views import crop_resize, phash, windows
 
 METHODS = ("phash", "imagehash", "fixed")
 
@@ -104,12 +104,14 @@ def candidate_boxes(image_hw: jax.Array, box: jax.Array) -> jax.Array:
 
 def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Array,
               num_views: int = 3, fixed_ts: Sequence[float] | None = None, *,
-              impl: str = "auto") -> jax.Array:
+              impl: str = "auto", window: jax.Array | None = None,
+              hash_pixels: jax.Array | None = None) -> jax.Array:
   """Inference views of every region.
 
   Args:
     method: "phash", "imagehash" or "fixed" (see the module docstring).
-    images: uint8[B, S, S, 3] zero-padded images.
+    images: uint8[B, S, S, 3] zero-padded images, or uint8[B, L, S, S, 3] windows
+      (`views.windows`).
     image_hw: int[B, 2] true (height, width).
     box: float[B, 4] referent boxes.
     num_views: V (1 gives the single view t = 0 for the hash methods).
@@ -117,6 +119,10 @@ def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Arra
       for a single whole-image view).
     impl: how the hashes are computed: "loop" (per region, windowed; CPU), "dense" (batched;
       accelerators, sharded batches) or "auto" (see phash.resolve_impl). Same bits.
+    window: float32[B, L, 6] the windows' geometry; None: window 0 is the whole image.
+    hash_pixels: uint8[B, 11, 448, 448] (`windows.hash_samples`): the "phash" hashes come from
+      them (exact at any image size); None: from window 0, which then holds the whole image at
+      full resolution.
   Returns:
     float32[B, V].
   """
@@ -131,27 +137,39 @@ def select_ts(method: str, images: jax.Array, image_hw: jax.Array, box: jax.Arra
   if num_views == 1:
     return zeros
   crops = candidate_boxes(image_hw, box)
-  if method == "phash":
-    bits = phash.opencv_phash(images, crops, impl=impl)  # [B, 11, 64]
+  if method == "phash" and hash_pixels is not None:
+    bits = phash.opencv_phash_sampled(hash_pixels, crops)  # [B, 11, 64]
+  elif method == "phash":
+    bits = phash.opencv_phash(images if images.ndim == 4 else images[:, 0], crops, impl=impl)
   else:
     resize = "auto" if impl == "auto" else ("loop" if impl == "loop" else "blocked")
-    bits = phash.imagehash_phash(images, crops, method=resize)
+    levels = None
+    if window is not None:
+      levels, crops = windows.locate(window, crops)
+    bits = phash.imagehash_phash(images, crops, method=resize, levels=levels)
   picks = greedy_select(bits[:, 0], bits[:, 1:], num_views - 1)
   return jnp.concatenate([zeros, _candidate_t(picks)], axis=1)
 
 
 def build_views(images: jax.Array, image_hw: jax.Array, box: jax.Array, ts: jax.Array,
-                out_size: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array]:
+                out_size: int, *, method: str = "auto", window: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """The views the vision tower sees, and the referent box in each.
 
   Args:
-    images: uint8[B, S, S, 3]; image_hw: int[B, 2]; box: float[B, 4]; ts: float[B, V].
+    images: uint8[B, S, S, 3] zero-padded images, or uint8[B, L, S, S, 3] windows
+      (`views.windows`); image_hw: int[B, 2]; box: float[B, 4]; ts: float[B, V].
     out_size: the vision tower's input side (224).
     method: crop_resize's "auto", "loop", "blocked", "banded" or "dense" (same numbers).
+    window: float32[B, L, 6] the windows' geometry; None: window 0 is the whole image.
   Returns:
     pixels: float32[B, V, out, out, 3], CLIP-normalised.
     boxes_in_view: float32[B, V, 4] in each view's pixels.
   """
   crops = boxes_lib.view_boxes(box, image_hw, ts)
-  pixels = crop_resize.crop_resize(images, image_hw, crops, out_size, method=method)
+  levels, local = None, crops
+  if window is not None:
+    levels, local = windows.locate(window, crops)
+  pixels = crop_resize.crop_resize(images, image_hw, local, out_size, method=method,
+                                   levels=levels)
   return crop_resize.normalize(pixels), boxes_lib.boxes_in_views(box, crops, out_size, image_hw)

@@ -14,15 +14,16 @@ Rules (the kind names are the keys of the report):
 Images (decoded with PIL; `ImageFile.LOAD_TRUNCATED_IMAGES` stays False so truncation is caught)
   image_missing        file absent                                  -> skip its regions
   image_corrupt        cannot be decoded, or truncated              -> skip its regions
+  image_too_large      more than images.MAX_PIXELS (12000 x 12000)  -> skip its regions
   image_mode_<MODE>    not 8-bit RGB (L, LA, P, RGBA, CMYK, I;16...) -> repair: converted to RGB
                        (16-bit scaled to 8 bit; alpha composited on black as the zero padding)
   image_exif_rotated   EXIF orientation != 1                        -> repair: pixels transposed
                        to the display orientation; boxes are taken to be in display coordinates
                        (what annotators saw)
-  image_resized        longest side > max_image_size                -> repair: resized down keeping
-                       the aspect ratio, boxes scaled by the same factors
-  A repaired image is re-encoded as PNG under <out>/images/; a clean one is used in place.
-Boxes (xyxy, after any image resize)
+  Images keep their resolution, whatever their size (the model cuts its views from windows of the
+  full-resolution image, views/windows.py). A repaired image is re-encoded losslessly as PNG
+  under <out>/images/; a clean one is used in place.
+Boxes (xyxy)
   box_nan              a non-finite coordinate                      -> skip
   box_negative_size    x2 < x1 or y2 < y1                           -> skip
   box_outside_image    no overlap with the image                    -> skip
@@ -182,17 +183,19 @@ def xywh_to_xyxy(b: Sequence[Any]) -> list[float]:
 # ----------------------------------------------------------------------------- images
 
 
-def check_image(path: str, max_image_size: int, report: Report, out_path: str):
+def check_image(path: str, report: Report, out_path: str):
   """Validates (and if needed repairs) one image.
 
-  Returns (file to use, (width, height) after repair, scale applied to boxes) or None when the
-  image is skipped. A repaired image is written as PNG to `out_path` (atomically).
+  Returns (file to use, (width, height) after repair, scale applied to boxes: (1, 1), as
+  nothing is resized) or None when the image is skipped. A repaired image is written as PNG to
+  `out_path` (atomically).
   """
   if not os.path.exists(path):
     report.skip("image_missing", path)
     return None
   try:
     with Image.open(path) as img:
+      images.check_size(img, path)
       img.load()
       repaired = []
       orientation = images.orientation(img)
@@ -202,12 +205,6 @@ def check_image(path: str, max_image_size: int, report: Report, out_path: str):
       if images.needs_rgb8(img):
         repaired.append(f"image_mode_{img.mode}")
         img = images.to_rgb8(img)
-      scale = 1.0
-      if max(img.size) > max_image_size:
-        scale = max_image_size / max(img.size)
-        new = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
-        img = img.resize(new, Image.BICUBIC)
-        repaired.append("image_resized")
       if not repaired:
         return path, img.size, (1.0, 1.0)
       os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -219,6 +216,9 @@ def check_image(path: str, max_image_size: int, report: Report, out_path: str):
       with Image.open(path) as orig:
         ow, oh = ImageOps.exif_transpose(orig).size if orientation != 1 else orig.size
       return out_path, img.size, (img.size[0] / ow, img.size[1] / oh)
+  except images.ImageTooLarge as e:
+    report.skip("image_too_large", str(e))
+    return None
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     report.skip("image_corrupt", f"{path}: {e}")
     return None
@@ -228,7 +228,7 @@ def check_image(path: str, max_image_size: int, report: Report, out_path: str):
 
 
 def clean_split(records: Iterable[dict[str, Any]], *, out_dir: str, split: str,
-                max_image_size: int, categories: Sequence[str] | None = None,
+                categories: Sequence[str] | None = None,
                 attribute_names: Sequence[str] | None = None,
                 max_caption_tokens: int | None = None, tag_parser=None
                 ) -> tuple[dict[str, Any], Report]:
@@ -248,7 +248,7 @@ def clean_split(records: Iterable[dict[str, Any]], *, out_dir: str, split: str,
   images, annotations, seen_ids = [], [], set()
   for (image_id, image_file), regs in by_image.items():
     out_file = os.path.join(out_dir, "images", split, f"{image_id}.png")
-    checked = check_image(image_file, max_image_size, report, out_file)
+    checked = check_image(image_file, report, out_file)
     if checked is None:
       report.skipped["regions_of_skipped_images"] += len(regs)
       continue
