@@ -211,7 +211,7 @@ def test_evaluation_control_ids_are_the_ids_of_the_bar(world, spm_dir):
   sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spiece.model"))
   val = sources.SyntheticSource(world, "val")
   batch = next(iter(pipeline.make_eval_iterator(val, global_batch_size=8, tokenizer=tok,
-                                                max_image_size=S)))
+                                                window_size=S)))
   want = _sp_ids(sp, "|", batch["control_ids"].shape[1])
   for row in batch["control_ids"]:
     assert row.tolist() == want
