@@ -105,8 +105,11 @@ class _Tables:
     # predicted tags).
     self.empty_control = encode([control_words.END], control_len)[0]
     # A fast tokenizer's truncation / padding state is shared: one caller at a time (the
-    # pipeline's map runs in several threads).
+    # pipeline's map runs in several threads). Control strings repeat ("|" alone half the
+    # time), so their ids are cached.
     self._lock = threading.Lock()
+    self._encode_control = functools.lru_cache(maxsize=1 << 16)(
+        lambda text: encode([text], control_len)[0])
 
   def control(self, row, seed):
     """Training control words of table row `row` (SPEC §7c): the string drawn from the row's
@@ -121,7 +124,7 @@ class _Tables:
         np.random.default_rng([int(s) for s in seed]),
         full_drop_ratio=FULL_DROP_PROB, keep_ratio=KEEP_PROB)
     with self._lock:
-      ids = captions_lib.tokenize(self.tokenizer, [text], self.control_len)[0][0]
+      ids = self._encode_control(text)
     return ids, np.bytes_(text.encode("utf-8"))
 
 
