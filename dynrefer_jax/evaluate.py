@@ -332,11 +332,8 @@ def main(argv=None) -> int:
                                                 data.eval_iterator(split), config, split, ev_cfg)
     published[split] = published_for(config, split)
     if synthetic:
-      from dynrefer_jax.data import sources  # pylint: disable=import-outside-toplevel
-      table = sources.SyntheticSource(data.root, "train").table
-      results[split + "/baseline"] = baselines(
-          {"captions": list(table.caption), "category": table.category,
-           "attributes": table.attributes}, cached, cfg=ev_cfg, names=names)
+      results[split + "/baseline"] = baselines(data.summarize("train"), cached, cfg=ev_cfg,
+                                               names=names)
   results["published"] = {split: {k: {"readme": r, "paper": q} for k, (r, q) in figs.items()}
                           for split, figs in published.items() if figs}
   out = args.out or root

@@ -21,7 +21,6 @@ import numpy as np
 from dynrefer_jax import checkpoint as ckpt_lib
 from dynrefer_jax import config_lib, train as train_lib
 from dynrefer_jax.data import setup as data_setup
-from dynrefer_jax.data import sources
 from dynrefer_jax import evaluate as eval_lib
 from dynrefer_jax.evaluators import common as eval_common
 from dynrefer_jax.inference import Predictor
@@ -102,9 +101,7 @@ def evaluate_workdir(config, workdir: str, data=None, splits=None) -> dict:
   state, step = restore_params(config, workdir, data)
   predictor_for = predictors(state, config, data)
   params = state.held_params()
-  train_table = sources.SyntheticSource(data.root, "train").table
-  train_summary = {"captions": list(train_table.caption), "category": train_table.category,
-                   "attributes": train_table.attributes}
+  train_summary = data.summarize("train")
   results = {"step": step}
   for split in splits or config.eval.splits:
     t0 = time.time()

@@ -1,6 +1,6 @@
-"""data/setup.py on real-format data: prepared by tools/prepare_data.py from tiny annotation files
-(data/fixture.py writes them in the public layouts), then batches, eval iterators, vocabularies
-and the one-line errors for bad or missing paths."""
+"""data/setup.py on real-format data: built by tools/prepare_data.py (TFDS builders) from tiny
+annotation files (data/fixture.py writes them in the public layouts), then batches, eval
+iterators, vocabularies and the one-line errors for bad or missing paths."""
 
 import importlib.util
 import json
@@ -22,30 +22,27 @@ _spec.loader.exec_module(prepare_data)
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-  """Raw fixture files, prepared with the real CLI into DATA/<dataset>/, and a T5-convention
-  tokenizer folder standing in for flan-t5-xl."""
+  """Raw fixture files, built with the real CLI into the TFDS data dir DATA, and a
+  T5-convention tokenizer folder standing in for flan-t5-xl. DATA_untagged holds VG built
+  from a manual dir without ram_tag_list.txt."""
   base = tmp_path_factory.mktemp("real")
   raw = fixture.write_raw(str(base / "raw"))
   data = base / "data"
-  vg = ["--region_descriptions", raw["region_descriptions"], "--image_data", raw["image_data"],
-        "--densecap_splits", raw["densecap_splits"], "--image_dir", raw["vg_images"]]
-  runs = [("vg", "train", vg + ["--tag_list", raw["tag_list"]]), ("vg", "test", vg),
-          ("captions", "test", ["--annotations", raw["vg_reg"]]),
-          ("ovad", "test", ["--annotations", raw["ovad"]]),
-          ("coco", "val", ["--annotations", raw["coco"]])]
-  for dataset, split, extra in runs:
-    out = data / ("vg_reg" if dataset == "captions" else dataset)
-    if "--image_dir" not in extra:
-      extra = extra + ["--image_dir", raw["coco_images"]]
-    prepare_data.main(["--dataset", dataset, "--split", split, "--out", str(out), *extra])
-  # vg_untagged: the training split prepared without --tag_list.
-  prepare_data.main(["--dataset", "vg", "--split", "train", "--out", str(data / "vg_untagged"),
-                     "--no_tfrecords", *vg])
+  assert prepare_data.main(["--dataset", *fixture.DATASETS, "--manual_dir", str(base / "raw"),
+                            "--data_dir", str(data)]) == 0
+  untagged = base / "raw_untagged"
+  os.makedirs(untagged)
+  for name in os.listdir(base / "raw"):
+    if name != "ram_tag_list.txt":
+      os.symlink(base / "raw" / name, untagged / name)
+  assert prepare_data.main(["--dataset", "vg", "--manual_dir", str(untagged),
+                            "--data_dir", str(base / "data_untagged")]) == 0
   texts = [r["phrase"] for e in json.load(open(raw["region_descriptions"]))
            for r in e["regions"]] + fixture.TAGS + [c for _, c in fixture.CLASSES]
   tok_dir = str(base / "t5_tokenizer")
   tok_lib.build_tokenizer(texts, tok_dir)
-  return {"raw": raw, "data": str(data), "tokenizer": tok_dir, "base": base}
+  return {"raw": raw, "data": str(data), "untagged": str(base / "data_untagged"),
+          "tokenizer": tok_dir, "base": base}
 
 
 def _config(prepared, *overrides):
@@ -143,7 +140,8 @@ def test_vocab_from_converted_checkpoint_and_from_captions(prepared, tmp_path):
   # The training split's tags were parsed against the fixture list: re-parsed against these.
   assert data.example_batch()["tags"].shape == (8, 3)
 
-  c = _config(prepared, "data.tag_list=", "data.train=vg_untagged/train", "data.max_tags=5")
+  c = _config(prepared, "data.tag_list=", f"data.dir={prepared['untagged']}",
+              "data.max_tags=5", "eval.splits=['vg_dense']")
   data = setup.prepare(c, str(tmp_path / "w2"))
   assert len(data.tag_names) == 5
   assert data.example_batch()["tags"].sum() > 0
@@ -161,8 +159,10 @@ def test_bad_paths_are_one_line_errors(prepared, tmp_path):
   assert "--config.data.dir=" in _error(prepared, tmp_path, "data.dir=")
   assert "no such directory" in _error(prepared, tmp_path, f"data.dir={tmp_path}/nope")
   msg = _error(prepared, tmp_path, "data.train=vg/nope")
-  assert "config.data.train=" in msg and "prepare_data.py" in msg
+  assert "config.data.train=vg/nope" in msg and "prepare_data.py --dataset vg" in msg
   assert "config.data.splits.coco=" in _error(prepared, tmp_path, "data.splits.coco=coco/nope")
+  msg = _error(prepared, tmp_path, "data.train=lvis/train")
+  assert "config.data.train=lvis/train" in msg and "dataset/split" in msg
   assert "does not define" in _error(prepared, tmp_path, "eval.splits=['vg_dense', 'lvis']")
   assert "--config.data.tag_list: file not found" in _error(
       prepared, tmp_path, f"data.tag_list={tmp_path}/ram.txt")
@@ -175,15 +175,12 @@ def test_bad_paths_are_one_line_errors(prepared, tmp_path):
       prepared, tmp_path, f"data.class_names={tmp_path}/coco.json")
 
 
-def test_moved_images_are_one_line_error(prepared, tmp_path):
-  bad = tmp_path / "vg"
-  os.makedirs(bad)
-  records = json.load(open(os.path.join(prepared["data"], "vg", "train.json")))
-  for im in records["images"]:
-    im["file_name"] = str(tmp_path / "gone" / os.path.basename(im["file_name"]))
-  json.dump(records, open(bad / "train.json", "w"))
-  msg = _error(prepared, tmp_path, f"data.train={bad}/train")
-  assert "4 of 4 images" in msg and "--image_dir" in msg
+def test_unbuilt_dataset_is_one_line_error(prepared, tmp_path):
+  """A data dir without the datasets the config names (here: only VG built) says which to
+  build, for every missing split, in one line."""
+  msg = _error(prepared, tmp_path, f"data.dir={prepared['untagged']}")
+  assert "3 split(s) not built" in msg and "config.data.splits.ovad=ovad/test" in msg
+  assert "tools/prepare_data.py --dataset vg_reg|ovad|coco" in msg
 
 
 def test_train_cli_prints_one_line(prepared, tmp_path, capsys):

@@ -1,8 +1,12 @@
-"""The tf.data pipeline: batch format, order, resumption, process sharding, eval padding."""
+"""The tf.data pipeline over TFDS region sources: batch format, order, resumption, process
+sharding, eval padding. The synthetic world is built by its TFDS builder; the same world written
+by `synthetic.generate` (its JSON and PNG files) is the reference."""
 
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,18 +15,30 @@ from PIL import Image
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from dynrefer_jax.data import control_words, pipeline, sources, synthetic
+from dynrefer_jax.data import builders, control_words, pipeline, sources, synthetic
 from dynrefer_jax.data import tokenizer as tok_lib
+from dynrefer_jax.data.builders import synthetic as world_builder
 
 S = 96          # window_size (the world's images are 80 px high, 60-80 px wide)
 G = 32          # global batch
 
 
+COUNTS = {"train": 14, "val": 5}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+  """The reference files of the world (synthetic.generate)."""
   root = str(tmp_path_factory.mktemp("pipe") / "world")
-  synthetic.generate(root, seed=0, num_images={"train": 14, "val": 5}, image_size=80)
+  synthetic.generate(root, seed=0, num_images=COUNTS, image_size=80)
   return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """The same world built by its TFDS builder (ArrayRecord), as training reads it."""
+  return builders.build("synthetic", str(tmp_path_factory.mktemp("pipe_data")),
+                        config=world_builder.world_config(0, COUNTS, 80))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +50,8 @@ def tok(world, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def train(world):
-  return sources.SyntheticSource(world, "train")
+def train(built):
+  return sources.RegionSource(built, "train")
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +120,19 @@ def _words(text: bytes) -> list[str]:
   return body[:-1].split(",") if body != "|" else []
 
 
-def _candidates(train, row) -> set[str]:
-  """The original's candidates: tag_set1 ∪ tag_set2 ∪ the caption's phrases."""
-  tags = [train.table.tag_vocab[t] for t in train.table.tag_ids[row]]
-  return set(tags) | set(control_words.caption_phrases(train.table.caption[row]))
+def _candidates(a) -> set[str]:
+  """The original's candidates of annotation `a`: tag_set1 ∪ tag_set2 ∪ the caption's phrases."""
+  return set(a["tags"]) | set(control_words.caption_phrases(a["caption"]))
 
 
-def test_control_words(train, tok):
-  row_of = {int(r): i for i, r in enumerate(train.table.region_id)}
+def test_control_words(train, tok, annotations):
   only_bar = total = phrase_only = 0
   for batch in _take(_train(train, tok), 8):
     for i in range(G):
-      row = row_of[int(batch["region_id"][i])]
+      a = annotations["by_id"][int(batch["region_id"][i])]
       words = _words(batch["control_text"][i])
-      assert len(set(words)) == len(words) and set(words) <= _candidates(train, row)
-      tags = {train.table.tag_vocab[t] for t in train.table.tag_ids[row]}
+      assert len(set(words)) == len(words) and set(words) <= _candidates(a)
+      tags = set(a["tags"])
       phrase_only += bool(set(words) - tags)
       only_bar += not words
       total += 1
@@ -127,18 +141,17 @@ def test_control_words(train, tok):
   assert phrase_only > 0  # phrases that are not tags do get drawn
 
 
-def test_control_words_keep_rate_and_shuffle(train, tok):
+def test_control_words_keep_rate_and_shuffle(train, tok, annotations):
   """Each candidate survives with p = 0.5 (no full drop) * 0.5 (kept) = 0.25 (bound: > 4
   sigma of the per-row-correlated draw), and the kept words are shuffled: rows with several
   words show both the candidates' sorted order and other orders."""
-  row_of = {int(r): i for i, r in enumerate(train.table.region_id)}
   kept = candidates = in_order = out_of_order = 0
   for batch in _take(_train(train, tok), 8):
     for i in range(G):
-      row = row_of[int(batch["region_id"][i])]
+      a = annotations["by_id"][int(batch["region_id"][i])]
       words = _words(batch["control_text"][i])
       kept += len(words)
-      candidates += len(_candidates(train, row))
+      candidates += len(_candidates(a))
       if len(words) >= 2:
         in_order += words == sorted(words)
         out_of_order += words != sorted(words)
@@ -146,13 +159,11 @@ def test_control_words_keep_rate_and_shuffle(train, tok):
   assert in_order > 0 and out_of_order > 0, (in_order, out_of_order)
 
 
-def test_control_phrases_off_leaves_the_tag_sets(train, tok):
-  row_of = {int(r): i for i, r in enumerate(train.table.region_id)}
+def test_control_phrases_off_leaves_the_tag_sets(train, tok, annotations):
   for batch in _take(_train(train, tok, control_phrases=False), 4):
     for i in range(G):
-      row = row_of[int(batch["region_id"][i])]
-      tags = {train.table.tag_vocab[t] for t in train.table.tag_ids[row]}
-      assert set(_words(batch["control_text"][i])) <= tags
+      a = annotations["by_id"][int(batch["region_id"][i])]
+      assert set(_words(batch["control_text"][i])) <= set(a["tags"])
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +217,10 @@ def test_training_control_ids_are_the_ids_of_the_whole_control_string(train, spm
   assert piecewise_differs > 0
 
 
-def test_evaluation_control_ids_are_the_ids_of_the_bar(world, spm_dir):
+def test_evaluation_control_ids_are_the_ids_of_the_bar(built, spm_dir):
   tok = AutoTokenizer.from_pretrained(str(spm_dir), local_files_only=True)
   sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spiece.model"))
-  val = sources.SyntheticSource(world, "val")
+  val = sources.RegionSource(built, "val")
   batch = next(iter(pipeline.make_eval_iterator(val, global_batch_size=8, tokenizer=tok,
                                                 window_size=S)))
   want = _sp_ids(sp, "|", batch["control_ids"].shape[1])
@@ -238,12 +249,12 @@ def test_resume_yields_exactly_the_remaining_batches(train, tok):
       np.testing.assert_array_equal(x[key], y[key])
 
 
-def test_epochs_are_permutations_and_processes_disjoint(train, tok):
+def test_epochs_are_permutations_and_processes_disjoint(train, tok, annotations):
   spe = train.num_examples // G
   one = _take(_train(train, tok), 2 * spe)
   p0 = _take(_train(train, tok, process_index=0, process_count=2), 2 * spe)
   p1 = _take(_train(train, tok, process_index=1, process_count=2), 2 * spe)
-  all_ids = set(int(r) for r in train.table.region_id)
+  all_ids = set(annotations["by_id"])
   epochs = []
   for e in range(2):
     ids0 = np.concatenate([b["region_id"] for b in p0[e * spe:(e + 1) * spe]])
@@ -262,14 +273,14 @@ def test_epochs_are_permutations_and_processes_disjoint(train, tok):
       np.testing.assert_array_equal(x[key], np.concatenate([y0[key], y1[key]]))
 
 
-def test_images_larger_than_the_window_keep_full_resolution(world, tok, annotations,
+def test_images_larger_than_the_window_keep_full_resolution(world, built, tok, annotations,
                                                             monkeypatch):
   """Window 0 is the stored image at full resolution around the box, window 1 the image at half
   size (PIL Lanczos), and evaluation rows carry each hash crop's gray pixels (OpenCV's gray)."""
   import cv2  # pylint: disable=import-outside-toplevel
   from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(windows, "CONTEXT_SIDE", 48)  # 48-px windows: two levels for 80 px
-  val = sources.SyntheticSource(world, "val")
+  val = sources.RegionSource(built, "val")
   batch = next(iter(pipeline.make_eval_iterator(val, global_batch_size=4, tokenizer=tok,
                                                 window_size=40)))
   assert batch["image"].shape == (4, 2, 48, 48, 3) and batch["window"].shape == (4, 2, 6)
@@ -300,8 +311,8 @@ def test_images_larger_than_the_window_keep_full_resolution(world, tok, annotati
                                   gray[y1:y2, x1:x2])
 
 
-def test_eval_padding_and_sharding(world, tok):
-  val = sources.SyntheticSource(world, "val")
+def test_eval_padding_and_sharding(world, built, tok):
+  val = sources.RegionSource(built, "val")
   n = val.num_examples
   local = 8
   runs = []
@@ -329,3 +340,45 @@ def test_eval_padding_and_sharding(world, tok):
   assert sorted(seen) == sorted(refs)  # every region exactly once over the two hosts
   pad = sum(int((~b["mask"]).sum()) for r in runs for b in r)
   assert pad == 2 * len(runs[0]) * local - n
+
+
+_PROCESS = """
+import json, sys, itertools
+from dynrefer_jax.data import builders, pipeline, sources, tokenizer
+from dynrefer_jax.data.builders import synthetic
+data_dir, tok_dir, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
+builder = builders.load("synthetic", data_dir, config=synthetic.world_config(0, %r, 80))
+it = pipeline.make_train_iterator(
+    sources.RegionSource(builder, "train"), global_batch_size=%d, seed=7,
+    tokenizer=tokenizer.load_tokenizer(tok_dir), window_size=%d, with_ids=True,
+    process_index=index, process_count=2)
+print(json.dumps([b["region_id"].tolist() for b in itertools.islice(it, %d)]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_halves_of_every_global_batch(built, train, tok, tmp_path):
+  """Two OS processes, each opening the dataset on its own (process 0 and 1 of 2), read
+  disjoint rows whose union is exactly the single-process global batch, step after step; and
+  exit with their endless iterators still alive (pipeline._Batches closes them at exit).
+  (Slow: two more TensorFlow start-ups; test_epochs_are_permutations_and_processes_disjoint
+  checks the same slicing in one process.)"""
+  steps = train.num_examples // G + 2  # into the second epoch
+  tok.save_pretrained(str(tmp_path / "tok"))
+  script = _PROCESS % (COUNTS, G, S, steps)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", script, str(built.data_path.parents[2]), str(tmp_path / "tok"),
+       str(p)], cwd=root, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=root))
+      for p in range(2)]
+  halves = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-2000:]
+    halves.append(json.loads(out.strip().splitlines()[-1]))
+  one = _take(_train(train, tok), steps)
+  for step, batch in enumerate(one):
+    h0, h1 = halves[0][step], halves[1][step]
+    assert not set(h0) & set(h1)
+    assert h0 + h1 == batch["region_id"].tolist()

@@ -1,112 +1,143 @@
-"""tools/prepare_data.py end to end: records, report, TFRecord shards, atomicity, pipeline."""
+"""tools/prepare_data.py end to end: TFDS builds from a manual dir, the bad-record report,
+atomicity, one-line errors, `tfds build` (tools/tfds_build.py) and the pipeline on the result."""
 
-import glob
 import importlib.util
-import json
 import os
 
 import numpy as np
 import pytest
 
-from dynrefer_jax.data import pipeline, sources
+from dynrefer_jax.data import builders, pipeline, sources
 from dynrefer_jax.data import tokenizer as tok_lib
 from test_builders import write_coco_fixture, write_vg_fixture
 
-_spec = importlib.util.spec_from_file_location(
-    "prepare_data", os.path.join(os.path.dirname(__file__), "..", "tools", "prepare_data.py"))
-prepare_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare_data)
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def _vg_args(root, out, *extra):
-  return ["--dataset", "vg", "--split", "train", "--out", out,
-          "--image_dir", os.path.join(root, "images"),
-          "--region_descriptions", os.path.join(root, "region_descriptions.json"),
-          "--image_data", os.path.join(root, "image_data.json"),
-          "--densecap_splits", os.path.join(root, "densecap_splits.json"), *extra]
+def _tool(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
-def _read_shards(out, split):
-  import tensorflow as tf
-  examples = []
-  for path in sorted(glob.glob(os.path.join(out, f"{split}-*-of-*.tfrecord"))):
-    for raw in tf.data.TFRecordDataset(path):
-      examples.append(tf.train.Example.FromString(raw.numpy()))
-  return examples
+prepare_data = _tool("prepare_data")
 
 
-def test_vg_end_to_end(tmp_path):
-  root, out = str(tmp_path / "raw"), str(tmp_path / "out")
-  write_vg_fixture(root)
-  vocab = tmp_path / "tags.txt"
-  vocab.write_text("kite\nred kite\nred\ndog\nman\ncake")
-  report = prepare_data.main(_vg_args(root, out, "--tag_list", str(vocab),
-                                      "--images_per_shard", "1"))
-  with open(os.path.join(out, "train_report.json")) as f:
-    assert json.load(f) == report
+def test_vg_end_to_end(tmp_path, capsys):
+  raw, data = str(tmp_path / "raw"), str(tmp_path / "data")
+  write_vg_fixture(raw)
+  (tmp_path / "raw" / "ram_tag_list.txt").write_text("kite\nred kite\nred\ndog\nman\ncake")
+  assert prepare_data.main(["--dataset", "vg", "--manual_dir", raw, "--data_dir", data]) == 0
+  assert '"regions_out": 6' in capsys.readouterr().out
+  builder = builders.load("vg", data)
+  assert builder.is_prepared() and builder.info.file_format.value == "array_record"
+  assert str(builder.info.version) == "1.0.0" and "1.0.0" in builder.RELEASE_NOTES
+  meta = builder.info.metadata["splits"]
+  assert sorted(meta) == ["train", "val"]  # densecap's test split lists no image of the file
+  report = meta["train"]["report"]
   assert report["skipped"] == {"box_outside_image": 1, "caption_too_long": 1,
                                "caption_empty": 1, "box_negative_size": 1}
   assert report["repaired"] == {"box_clipped": 2, "box_widened": 1, "image_mode_L": 1}
-  assert report["shards"] == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
-  assert not glob.glob(os.path.join(out, "*.tmp"))
+  assert meta["train"]["num_regions"] == [5, 1]  # the region index: regions per image
 
-  examples = _read_shards(out, "train")
-  assert len(examples) == 2
-  f = {k: v for k, v in examples[0].features.feature.items()}
-  assert f["image/id"].int64_list.value == [1]
-  assert list(f["region/id"].int64_list.value) == [1, 2, 3, 5, 8]
-  assert [c.decode() for c in f["region/caption"].bytes_list.value] == [
-      "a red kite", "man", "dog", "pole", "cafe half cake"]
-  np.testing.assert_allclose(np.reshape(f["region/box"].float_list.value, (5, 4))[1],
-                             [5, 0, 15, 6])
-  # "a red kite" -> kite, red kite, red = ids 0, 1, 2; "man" -> 4; "dog" -> 3.
-  assert list(f["region/num_tags"].int64_list.value) == [3, 1, 1, 0, 1]
-  assert list(f["region/tag_ids"].int64_list.value) == [0, 1, 2, 4, 3, 5]
-  with open(os.path.join(root, "images", "1.jpg"), "rb") as fh:
-    assert f["image/encoded"].bytes_list.value[0] == fh.read()
+  src = sources.RegionSource(builder, "train")
+  r = src.read(np.arange(src.num_examples))
+  assert r.region_id.tolist() == [1, 2, 3, 5, 8, 10] and r.image_id.tolist() == [1] * 5 + [2]
+  assert r.caption == ["a red kite", "man", "dog", "pole", "cafe half cake", "a dog"]
+  np.testing.assert_allclose(r.box[1], [5, 0, 15, 6])
+  # "a red kite" -> kite, red kite, red = ids 0, 1, 2; "man" -> 4; "dog" -> 3; "cake" -> 5.
+  assert [t.tolist() for t in r.tag_ids] == [[0, 1, 2], [4], [3], [], [5], [3]]
+  with open(os.path.join(raw, "images", "1.jpg"), "rb") as fh:
+    assert r.image[0] == fh.read()
 
-  # The record file feeds the pipeline directly.
-  src = sources.JsonSource(out, "train")
-  assert src.num_examples == 6
-  tok = tok_lib.build_tokenizer(list(src.table.caption) + src.table.tag_vocab,
-                                str(tmp_path / "tok"))
+  # The built split feeds the pipeline directly.
+  tok = tok_lib.build_tokenizer(r.caption + src.tag_vocab, str(tmp_path / "tok"))
   batch = next(pipeline.make_train_iterator(src, global_batch_size=4, seed=0, tokenizer=tok,
                                             window_size=64, with_ids=True))
   assert batch["image"].shape == (4, 1, 64, 64, 3) and batch["tags"].shape == (4, 6)
+  assert src.max_image_side == 64
   assert (batch["category"] == -1).all() and (batch["attributes"].shape == (4, 0))
 
 
-def test_killed_run_leaves_no_partial_shard(tmp_path, monkeypatch):
-  root, out = str(tmp_path / "raw"), str(tmp_path / "out")
-  write_vg_fixture(root)
-  real = prepare_data._example
-  calls = []
-
-  def failing(image, regions):
-    calls.append(image["id"])
-    if len(calls) == 2:
-      raise KeyboardInterrupt  # as if the run were killed while writing the second shard
-    return real(image, regions)
-
-  monkeypatch.setattr(prepare_data, "_example", failing)
-  with pytest.raises(KeyboardInterrupt):
-    prepare_data.main(_vg_args(root, out, "--images_per_shard", "1"))
-  names = sorted(os.listdir(out))
-  assert "train-00000-of-00002.tfrecord" in names
-  assert not [n for n in names if n.startswith("train-00001") or n.endswith(".tmp")]
-  assert "train_report.json" not in names  # the report is written only after all shards
-  assert len(_read_shards(out, "train")) == 1
-
-
-def test_coco_report_counts_bad_images(tmp_path):
-  root, out = str(tmp_path / "raw"), str(tmp_path / "out")
-  write_coco_fixture(root)
-  report = prepare_data.main(["--dataset", "coco", "--split", "val", "--out", out,
-                              "--image_dir", os.path.join(root, "images"),
-                              "--annotations", os.path.join(root, "instances.json"),
-                              "--no_tfrecords"])
-  assert report["skipped"]["image_corrupt"] == 2 and report["skipped"]["image_missing"] == 1
-  assert report["regions_out"] == 5 and "shards" not in report
+def test_bad_records_are_reported_not_fatal(tmp_path, capsys):
+  """COCO's bad-record matrix (corrupt, missing, CMYK, 16-bit, EXIF-rotated images; an unknown
+  category; a NaN box): the build completes, every decision is counted."""
+  raw, data = str(tmp_path / "raw"), str(tmp_path / "data")
+  write_coco_fixture(raw)
+  assert prepare_data.main(["--dataset", "coco", "--manual_dir", raw, "--data_dir", data]) == 0
+  printed = capsys.readouterr().out
+  assert '"image_corrupt": 2' in printed and '"regions_out": 5' in printed
+  builder = builders.load("coco", data)
+  report = builder.info.metadata["splits"]["val"]["report"]
+  assert report["skipped"] == {"image_corrupt": 2, "image_missing": 1,
+                               "regions_of_skipped_images": 3, "unknown_category": 1,
+                               "box_nan": 1}
+  assert report["repaired"] == {"image_mode_RGBA": 1, "image_mode_CMYK": 1,
+                                "image_mode_I;16": 1, "image_exif_rotated": 1}
   assert len(report["examples"]["image_corrupt"]) == 2
-  data = json.load(open(os.path.join(out, "val.json")))
-  assert data["vocab"]["categories"] == ["person", "car", "toothbrush"]
+  assert builder.info.metadata["splits"]["val"]["max_image_side"] == 300  # stored unshrunk
+  src = sources.RegionSource(builder, "val")
+  r = src.read(np.arange(src.num_examples))
+  assert r.caption == ["person", "car", "toothbrush", "person", "person"]
+  assert r.category.tolist() == [0, 1, 2, 0, 0]
+  assert src.split_vocab["categories"] == ["person", "car", "toothbrush"]
+
+
+def test_killed_build_leaves_nothing_that_reads_as_built(tmp_path, monkeypatch):
+  raw, data = str(tmp_path / "raw"), str(tmp_path / "data")
+  write_vg_fixture(raw)
+  real, calls = builders.base.image_example, []
+
+  def failing(*args, **kw):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # as if the run were killed while writing the second image
+    return real(*args, **kw)
+
+  monkeypatch.setattr(builders.base, "image_example", failing)
+  with pytest.raises(KeyboardInterrupt):
+    prepare_data.main(["--dataset", "vg", "--manual_dir", raw, "--data_dir", data])
+  assert not builders.load("vg", data).is_prepared()
+  assert not [n for n in os.listdir(os.path.join(data, "dynrefer_vg")) if "incomplete" in n]
+  monkeypatch.setattr(builders.base, "image_example", real)
+  assert prepare_data.main(["--dataset", "vg", "--manual_dir", raw, "--data_dir", data]) == 0
+  assert builders.load("vg", data).is_prepared()
+
+
+def test_missing_files_are_one_line_errors(tmp_path, capsys):
+  raw = tmp_path / "raw"
+  write_vg_fixture(str(raw))
+  os.remove(raw / "densecap_splits.json")
+  rc = prepare_data.main(["--dataset", "coco", "vg", "--manual_dir", str(raw),
+                          "--data_dir", str(tmp_path / "data")])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.count("\n") == 0
+  assert "instances_val2017.json" in err and "val2017/" in err  # coco's files: none there
+  assert not os.path.exists(tmp_path / "data" / "dynrefer_vg")  # nothing built
+  rc = prepare_data.main(["--dataset", "vg", "--manual_dir", str(raw), "--data_dir", "x"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and "densecap_splits.json" in err and "region_descriptions" not in err
+  assert prepare_data.main(["--dataset", "vg", "--manual_dir", str(tmp_path / "no"),
+                            "--data_dir", "x"]) == 2
+  with pytest.raises(SystemExit) as e:  # CLI misuse: argparse's exit 2
+    prepare_data.main(["--dataset", "lvis", "--manual_dir", str(raw), "--data_dir", "x"])
+  assert e.value.code == 2
+
+
+def test_tfds_build_command_writes_the_same_dataset(tmp_path):
+  """TFDS's own `build` command (tools/tfds_build.py runs it) with --imports finds the
+  builders and writes the same records as prepare_data."""
+  raw = str(tmp_path / "raw")
+  write_coco_fixture(raw)
+  ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+  assert prepare_data.main(["--dataset", "coco", "--manual_dir", raw, "--data_dir", ours]) == 0
+  with pytest.raises(SystemExit) as e:  # absl's app.run exits when the command returns
+    _tool("tfds_build").main(["dynrefer_coco", "--imports", "dynrefer_jax.data.builders",
+                              "--manual_dir", raw, "--data_dir", theirs,
+                              "--file_format", "array_record"])
+  assert e.value.code in (0, None)
+  a, b = builders.load("coco", ours), builders.load("coco", theirs)
+  assert b.is_prepared() and b.info.metadata["splits"] == a.info.metadata["splits"]
+  ra, rb = (sources.RegionSource(x, "val").read(np.arange(5)) for x in (a, b))
+  assert ra.region_id.tolist() == rb.region_id.tolist() and list(ra.image) == list(rb.image)

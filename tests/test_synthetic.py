@@ -161,19 +161,6 @@ def test_describe_hand_written_scene():
   assert cap == "the large dotted green star above the blue ring"
 
 
-def test_ensure_reuses_and_regenerates(tmp_path):
-  root = str(tmp_path / "w")
-  small = {"train": 2, "val": 1}
-  synthetic.ensure(root, seed=1, num_images=small, image_size=64)
-  stamp = os.stat(os.path.join(root, "meta.json")).st_mtime_ns
-  synthetic.ensure(root, seed=1, num_images=small, image_size=64)
-  assert os.stat(os.path.join(root, "meta.json")).st_mtime_ns == stamp
-  meta = synthetic.ensure(root, seed=2, num_images=small, image_size=64)
-  assert meta["seed"] == 2 and synthetic.load_meta(root)["seed"] == 2
-  leftovers = [n for n in os.listdir(tmp_path) if n != "w"]
-  assert leftovers == []
-
-
 def test_photo_like_scenes_partial_occlusion_and_distractors(world):
   """Boxes of different objects overlap somewhere (later objects partially occlude earlier ones;
   the sampler caps the overlap of their squares); same-category distractors occur; the background outside every box is textured, not

@@ -1,12 +1,10 @@
-"""A tiny real-format dataset: raw annotation files in the public layouts, and their prepared form.
+"""A tiny real-format dataset: raw annotation files in the public layouts, and their TFDS build.
 
 Smoke runs of the full-size configs (`configs/dynrefer_*.py:smoke`) and the tests train and
 evaluate on it with no user files: `write_raw(root)` writes small images and annotation files in
-the layouts `tools/prepare_data.py` reads (VG V1.2 + DenseCap splits, GLaMM-style caption files,
-MDETR RefCOCOg, COCO instances, OVAD), plus a RAM-style tag list and a class list;
-`ensure(root)` cleans them with the same builders into `root/<dataset>/<split>.json` (what
-`prepare_data.py --out root/<dataset>` writes, without the TFRecord shards the pipeline does
-not read).
+the layouts the builders read from their manual dir (VG V1.2 + DenseCap splits, GLaMM-style
+caption files, MDETR RefCOCOg, COCO instances, OVAD), plus a RAM-style tag list and a class
+list; `ensure(root)` builds every dataset from them with the TFDS builders (data/builders/).
 """
 
 from __future__ import annotations
@@ -48,18 +46,22 @@ def _dump(path: str, obj) -> None:
 
 
 def write_raw(root: str) -> dict[str, str]:
-  """Writes the raw annotation files and images under `root`; returns their paths by name."""
+  """Writes the raw annotation files and images under `root` in the layout of the builders'
+  manual dir (one folder for every dataset, as TFDS's <data_dir>/downloads/manual); returns
+  their paths by name."""
   os.makedirs(root, exist_ok=True)
   p = {k: os.path.join(root, v) for k, v in dict(
-      vg_images="vg_images", region_descriptions="region_descriptions.json",
-      image_data="image_data.json", densecap_splits="densecap_splits.json",
-      coco_images="coco_images", vg_reg="vg_test_caption.json",
-      refcocog_train="finetune_refcocog_train.json",
+      vg_images="VG_100K", vg_images2="VG_100K_2",
+      region_descriptions="region_descriptions.json", image_data="image_data.json",
+      densecap_splits="densecap_splits.json", train2014="train2014", val2017="val2017",
+      vg_reg="test_caption.json", refcocog_train="finetune_refcocog_train.json",
       refcocog_val="finetune_refcocog_val_captions.json", coco="instances_val2017.json",
       ovad="ovad2000.json", tag_list="ram_tag_list.txt", classes="coco_classes.json").items()}
   image_data, regions, rid = [], [], 1
   for image_id, (w, h) in _VG_IMAGES.items():
-    _image(os.path.join(p["vg_images"], f"{image_id}.jpg"), w, h, image_id)
+    # Visual Genome ships its images in two folders; the builder looks in both.
+    folder = p["vg_images"] if image_id <= 4 else p["vg_images2"]
+    _image(os.path.join(folder, f"{image_id}.jpg"), w, h, image_id)
     image_data.append({"image_id": image_id, "width": w, "height": h, "coco_id": None,
                        "flickr_id": None, "url": ""})
     regs = []
@@ -73,25 +75,30 @@ def write_raw(root: str) -> dict[str, str]:
   _dump(p["image_data"], image_data)
   _dump(p["region_descriptions"], regions)
   _dump(p["densecap_splits"], _VG_SPLITS)
+  # GLaMM-style VG caption file: one region per image id, on VG images.
+  vg_reg = [(1, 64, 48), (5, 60, 48), (6, 48, 48)]
+  _dump(p["vg_reg"], {
+      "images": [{"id": 900 + i, "file_name": f"{vid}.jpg", "width": w, "height": h}
+                 for i, (vid, w, h) in enumerate(vg_reg)],
+      "annotations": [{"id": 900 + i, "image_id": 900 + i, "bbox": [4.0, 5.0, 20.0, 18.0],
+                       "caption": _PHRASES[i]} for i in range(len(vg_reg))]})
 
-  coco_images = []
+  coco_images, coco2014 = [], []
   for i, (w, h) in enumerate(((64, 48), (56, 40), (48, 48))):
     name = f"{100 + i:012d}.jpg"
-    _image(os.path.join(p["coco_images"], name), w, h, 100 + i)
+    _image(os.path.join(p["val2017"], name), w, h, 100 + i)
+    _image(os.path.join(p["train2014"], f"COCO_train2014_{name}"), w, h, 100 + i)
     coco_images.append({"id": 100 + i, "file_name": name, "width": w, "height": h})
-  # GLaMM-style caption files: one region per image id.
-  _dump(p["vg_reg"], {
-      "images": [dict(im, id=900 + i) for i, im in enumerate(coco_images)],
-      "annotations": [{"id": 900 + i, "image_id": 900 + i, "bbox": [4.0, 5.0, 20.0, 18.0],
-                       "caption": _PHRASES[i]} for i in range(len(coco_images))]})
+    coco2014.append({"id": 100 + i, "file_name": f"COCO_train2014_{name}", "width": w,
+                     "height": h})
   _dump(p["refcocog_val"], {
-      "images": [dict(im, id=700 + i) for i, im in enumerate(coco_images[:2])],
+      "images": [dict(im, id=700 + i) for i, im in enumerate(coco2014[:2])],
       "annotations": [{"id": 700 + i, "image_id": 700 + i, "bbox": [6.0, 4.0, 22.0, 20.0],
                        "caption": _PHRASES[5 - i]} for i in range(2)]})
   # MDETR RefCOCOg: one image entry per sentence, the sentence on the image entry.
   mdetr_images, mdetr_anns = [], []
   for j in range(10):
-    im = coco_images[j % len(coco_images)]
+    im = coco2014[j % len(coco2014)]
     mdetr_images.append(dict(im, id=500 + j, original_id=im["id"],
                              caption=_PHRASES[j % len(_PHRASES)], dataset_name="refcocog"))
     mdetr_anns.append({"id": 600 + j, "image_id": 500 + j, "bbox": [2.0 + j, 3.0, 18.0, 16.0],
@@ -114,50 +121,22 @@ def write_raw(root: str) -> dict[str, str]:
   return p
 
 
-# dataset dir -> [(split, builder name, raw file keys)]
-PREPARED = {"vg": [("train", "vg"), ("test", "vg")], "vg_reg": [("test", "captions")],
-            "refcocog": [("train", "refcocog"), ("val", "captions")],
-            "coco": [("val", "coco")], "ovad": [("test", "ovad")]}
-
-
-def _read(dataset: str, builder: str, split: str, p: dict[str, str]):
-  from dynrefer_jax.data.builders import coco, ovad, refcocog, vg  # pylint: disable=import-outside-toplevel
-  if builder == "vg":
-    return vg.read_vg(p["region_descriptions"], p["image_data"], p["densecap_splits"],
-                      p["vg_images"], split)
-  if builder == "captions":
-    return vg.read_coco_captions(p["vg_reg" if dataset == "vg_reg" else "refcocog_val"],
-                                 p["coco_images"])
-  if builder == "refcocog":
-    return refcocog.read_refcocog(p["refcocog_train"], p["coco_images"])
-  if builder == "coco":
-    return coco.read_coco_instances(p["coco"], p["coco_images"])
-  return ovad.read_ovad(p["ovad"], p["coco_images"])
+DATASETS = ("vg", "vg_reg", "refcocog", "coco", "ovad")  # every builder with manual files
 
 
 def ensure(root: str) -> dict[str, str]:
-  """Writes (once) the raw files under root/raw and the prepared splits under root/<dataset>/;
-  returns the raw paths. Training splits carry tag sets parsed against the fixture's tag list,
-  as `prepare_data.py --tag_list` writes them."""
-  from dynrefer_jax.data import tags as tags_lib  # pylint: disable=import-outside-toplevel
-  from dynrefer_jax.data.builders import common  # pylint: disable=import-outside-toplevel
+  """Writes (once) the raw files under root/raw and builds every dataset from them into the
+  TFDS data dir `root` (what `tools/prepare_data.py --manual_dir root/raw --data_dir root`
+  does); returns the raw paths. The raw folder holds the fixture's RAM-style tag list, so every
+  split carries tag ids parsed against it."""
+  from dynrefer_jax.data import builders  # pylint: disable=import-outside-toplevel
   raw = os.path.join(root, "raw")
   done = os.path.join(root, "fixture_done")
   if os.path.exists(done):
     with open(done, encoding="utf-8") as f:
       return json.load(f)
   p = write_raw(raw)
-  parser = tags_lib.TagParser(tags_lib.load_vocabulary(p["tag_list"]))
-  for dataset, splits in PREPARED.items():
-    out = os.path.join(root, dataset)
-    os.makedirs(out, exist_ok=True)
-    for split, builder in splits:
-      records, info = _read(dataset, builder, split, p)
-      data, _ = common.clean_split(
-          records, out_dir=out, split=split,
-          categories=info.get("categories"), attribute_names=info.get("attributes"),
-          max_caption_tokens=info.get("max_caption_tokens"),
-          tag_parser=parser if split == "train" else None)
-      _dump(os.path.join(out, f"{split}.json"), data)
+  for dataset in DATASETS:
+    builders.build(dataset, root, raw)
   _dump(done, p)
   return p

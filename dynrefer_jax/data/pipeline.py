@@ -1,15 +1,23 @@
 """tf.data input pipeline: per-process local batches in the batch format of docs/ARCHITECTURE.md.
 
-Order and resumption. Rows are addressed by index (sources.RegionTable). Training step k of an
-uninterrupted run consumes the global positions [k*G, (k+1)*G) of epoch e = k // steps_per_epoch,
-mapped to rows by a stateless per-epoch permutation (`tf.random.experimental.index_shuffle` with
-seed (seed, e)); process p takes the slice [p*L, (p+1)*L) of each global batch (L = G / P). So
-the whole stream is a pure function of (seed, step): two runs give the same order, a pipeline
-built with `start_step=k` yields exactly batches k, k+1, ... (the iterator position saved with a
-checkpoint is just the step), and in every step the processes read disjoint rows that together
-form the global batch. The remainder of each epoch (N mod G rows, different rows each epoch) is
-dropped. Control words (SPEC §7c) are drawn on the host by numpy generators seeded by (seed,
-epoch, row), so they are reproducible and resumable too, and tokenised as whole strings.
+Reading. A source (sources.RegionSource) is one split of a TFDS region dataset addressed by
+region index; the host holds only its index. For each batch a host step (`_HostReader`) reads
+the batch's rows from the ArrayRecord files, tokenises their captions and draws their control
+words; tf.data then decodes, resizes and pads each row's image in parallel (`_load_row`).
+Nothing per split is held in memory or captured in the graph, so host memory and start-up time
+do not grow with the dataset.
+
+Order and resumption. Training step k of an uninterrupted run consumes the global positions
+[k*G, (k+1)*G) of epoch e = k // steps_per_epoch, mapped to rows (regions) by a stateless
+per-epoch permutation (`tf.random.experimental.index_shuffle` with seed (seed, e)); process p
+takes the slice [p*L, (p+1)*L) of each global batch (L = G / P). So the whole stream is a pure
+function of (seed, step): two runs give the same order, a pipeline built with `start_step=k`
+yields exactly batches k, k+1, ... (the iterator position saved with a checkpoint is just the
+step), and in every step the processes read disjoint rows that together form the global batch.
+The remainder of each epoch (N mod G rows, different rows each epoch) is dropped. Control words
+(SPEC §7c) are drawn on the host by numpy generators seeded by (seed, epoch, row), so they are
+reproducible and resumable too, and tokenised as whole strings. Evaluation reads each process's
+contiguous shard of rows in order.
 
 Images are decoded at full resolution (PIL, data/images.py) and each row carries its region's
 windows (views/windows.py): the whole image zero-padded to [S, S] when it fits in
@@ -21,9 +29,11 @@ TensorFlow is kept off the accelerators (it would otherwise grab GPU memory).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import threading
-from typing import Any, Callable, Iterator
+import weakref
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -53,91 +63,112 @@ def _tensorflow():
 FULL_DROP_PROB = 0.5  # SPEC §7c `full_drop_ratio`: the control string is just "|".
 KEEP_PROB = 0.5       # each candidate word kept independently (1 - the original's drop_ratio).
 
-
-# ----------------------------------------------------------------------------- tokenisation
-
-
-def _trim(ids: np.ndarray) -> np.ndarray:
-  """Drops the all-padding columns on the right (at least one column stays): the per-source
-  table is held in memory, and `_load_row` pads each row back to the full length."""
-  used = int(np.max(np.nonzero(ids.any(axis=0))[0], initial=0)) + 1 if ids.size else 1
-  return ids[:, :used]
+# A fast tokenizer's truncation / padding state is shared: one caller at a time (a training and
+# an evaluation pipeline may read at once).
+_TOKENIZER_LOCK = threading.Lock()
 
 
-def _ragged(rows: list, tf):
-  """int32 ragged [N, None] from a list of int arrays (from row splits: fast for millions)."""
-  lengths = np.asarray([len(r) for r in rows], np.int64)
-  flat = (np.concatenate([np.asarray(r, np.int32).reshape(-1) for r in rows])
-          if lengths.sum() else np.zeros((0,), np.int32))
-  splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  return tf.RaggedTensor.from_row_splits(tf.constant(flat, tf.int32), tf.constant(splits))
+# ----------------------------------------------------------------------------- host side
 
 
 class _Tables:
-  """Per-source constants, tokenised once on the host and captured by the tf.data graph."""
+  """Per-vocabulary constants of a pipeline."""
 
-  def __init__(self, table: sources_lib.RegionTable, tokenizer, caption_len, control_len,
-               text_len, text_tokenizer=None, control_phrases=True):
-    tf = _tensorflow()
-    self.table = table
-    self.n = len(table)
-    self.num_tags = len(table.tag_vocab)
-    self.image_path = tf.constant(table.image_path.astype(str))
-    self.image_id = tf.constant(table.image_id)
-    self.region_id = tf.constant(table.region_id)
-    self.box = tf.constant(table.box)
-    self.caption_len, self.text_len = caption_len, text_len
-    encode = lambda texts, length: captions_lib.tokenize(tokenizer, texts, length)[0]
-    self.caption_ids = tf.constant(_trim(encode(table.caption, caption_len)))
-    if text_tokenizer is None:  # one tokenizer for the LM and the text tower (synthetic world)
-      text_ids = encode(table.caption, text_len)
-    else:  # the text tower's own (CLIP BPE: SOT ... EOT, zero-padded)
-      text_ids = np.asarray(text_tokenizer(list(table.caption), text_len), np.int32)
-      text_ids = text_ids.reshape(len(table.caption), text_len)
-    self.text_ids = tf.constant(_trim(text_ids))
-    self.category = tf.constant(table.category)
-    self.attributes = tf.constant(table.attributes)
-    self.tag_ids = _ragged(table.tag_ids, tf) if self.n else None
-    self.tokenizer = tokenizer
-    self.control_len = control_len
-    self.control_phrases = control_phrases
+  def __init__(self, tag_vocab, tokenizer, caption_len, control_len, text_len):
+    self.num_tags = len(tag_vocab)
+    self.caption_len, self.control_len, self.text_len = caption_len, control_len, text_len
     # Evaluation control words: "|" tokenised as the string it is (the model substitutes its
     # predicted tags).
-    self.empty_control = encode([control_words.END], control_len)[0]
-    # A fast tokenizer's truncation / padding state is shared: one caller at a time (the
-    # pipeline's map runs in several threads). Control strings repeat ("|" alone half the
-    # time), so their ids are cached.
-    self._lock = threading.Lock()
-    self._encode_control = functools.lru_cache(maxsize=1 << 16)(
-        lambda text: encode([text], control_len)[0])
+    with _TOKENIZER_LOCK:
+      self.empty_control = captions_lib.tokenize(tokenizer, [control_words.END], control_len)[0][0]
 
-  def control(self, row, seed):
-    """Training control words of table row `row` (SPEC §7c): the string drawn from the row's
-    candidates with the generator of `seed` (int[3]: seed, epoch, row), and its ids: the
-    tokenizer's ids of that whole string (int32[control_len], `</s>` appended, 0-padded)."""
-    row = int(row)
-    tags = [self.table.tag_vocab[k] for k in self.table.tag_ids[row]]
-    phrases = (control_words.caption_phrases(str(self.table.caption[row]))
-               if self.control_phrases else [])
-    text = control_words.training_control_words(
+
+class _HostReader:
+  """The host part of a batch: `source.read(rows)`, the captions tokenised and the control
+  words drawn (training) or "|" (evaluation). Returns the arrays of `FIELDS` in order (tag ids
+  padded with -1 and references with b"" to the batch's longest list)."""
+
+  FIELDS = ("image", "box", "caption_ids", "text_ids", "tags", "num_tags", "category",
+            "attributes", "image_id", "region_id", "references", "num_refs", "control_ids",
+            "control_text")
+
+  def __init__(self, source, tokenizer, t: _Tables, text_tokenizer=None, seed: int = 0,
+               control_phrases: bool = True):
+    self.source, self.tokenizer, self.text_tokenizer, self.t = source, tokenizer, text_tokenizer, t
+    self.seed, self.control_phrases = int(seed), control_phrases
+
+  def __call__(self, rows: np.ndarray, epoch: np.ndarray) -> list[np.ndarray]:
+    """rows int64[B]; epoch: int64 scalar, the training epoch, or -1 for evaluation."""
+    t, r = self.t, self.source.read(rows)
+    b = len(r)
+    controls = ([self._control_words(r, i, int(epoch), int(rows[i])) for i in range(b)]
+                if epoch >= 0 else None)
+    with _TOKENIZER_LOCK:
+      caption_ids = captions_lib.tokenize(self.tokenizer, r.caption, t.caption_len)[0]
+      if self.text_tokenizer is None:  # one tokenizer for the LM and the text tower (synthetic)
+        text_ids = captions_lib.tokenize(self.tokenizer, r.caption, t.text_len)[0]
+      if controls is not None:
+        control_ids = captions_lib.tokenize(self.tokenizer, controls, t.control_len)[0]
+    if self.text_tokenizer is not None:  # the text tower's own (CLIP BPE: SOT ... EOT, 0-padded)
+      text_ids = np.asarray(self.text_tokenizer(list(r.caption), t.text_len), np.int32)
+      text_ids = text_ids.reshape(b, t.text_len)
+    if controls is None:
+      controls = [control_words.END] * b
+      control_ids = np.tile(t.empty_control, (b, 1))
+    # One spare column: unbatching a zero-size tensor crashes tf.data (TF 2.21), as it would
+    # when the split has no attributes; `drop_spare` removes it from each row.
+    attributes = np.concatenate([r.attributes, np.full((b, 1), -1, np.int32)], axis=1)
+    return [r.image.astype(object), r.box, caption_ids, text_ids,
+            *_padded(r.tag_ids, -1, np.int32), r.category, attributes, r.image_id,
+            r.region_id, *_padded([[x.encode() for x in refs] for refs in r.references],
+                                  b"", object),
+            control_ids.astype(np.int32), np.asarray([c.encode() for c in controls], object)]
+
+  def _control_words(self, r: sources_lib.Regions, i: int, epoch: int, row: int) -> str:
+    """Training control words of region i (SPEC §7c): the string drawn from its candidates
+    (tag sets and, with control_phrases, the caption's phrases) with the generator of (seed,
+    epoch, row)."""
+    tags = [self.source.tag_vocab[k] for k in r.tag_ids[i]]
+    phrases = control_words.caption_phrases(r.caption[i]) if self.control_phrases else []
+    return control_words.training_control_words(
         control_words.candidate_words(tags, phrases),
-        np.random.default_rng([int(s) for s in seed]),
+        np.random.default_rng([self.seed, epoch, row]),
         full_drop_ratio=FULL_DROP_PROB, keep_ratio=KEEP_PROB)
-    with self._lock:
-      ids = self._encode_control(text)
-    return ids, np.bytes_(text.encode("utf-8"))
+
+  def batch(self, rows, epoch, local: int) -> dict:
+    """The host batch of `rows` (int64[local]) as tensors with static batch shapes."""
+    tf = _tensorflow()
+    values = tf.numpy_function(self, [rows, epoch], self.dtypes(), stateful=True)
+    t, a = self.t, len(self.source.attribute_names)
+    shapes = {"image": [local], "box": [local, 4], "caption_ids": [local, t.caption_len],
+              "text_ids": [local, t.text_len], "tags": [local, None], "num_tags": [local],
+              "category": [local], "attributes": [local, a + 1], "image_id": [local],
+              "region_id": [local], "references": [local, None], "num_refs": [local],
+              "control_ids": [local, t.control_len], "control_text": [local]}
+    return {k: tf.ensure_shape(v, shapes[k]) for k, v in zip(self.FIELDS, values)}
+
+  @staticmethod
+  def dtypes():
+    tf = _tensorflow()
+    return [tf.string, tf.float32, tf.int32, tf.int32, tf.int32, tf.int32, tf.int32, tf.int32,
+            tf.int64, tf.int64, tf.string, tf.int32, tf.int32, tf.string]
+
+  @staticmethod
+  def drop_spare(ex: dict) -> dict:
+    """One row of a host batch with the attributes' spare column removed."""
+    return dict(ex, attributes=ex["attributes"][:-1])
 
 
-def _control_ids(t: _Tables, row, seed):
-  """(int32[control_len] ids, string) of the training control words; see `_Tables.control`."""
-  tf = _tensorflow()
-  ids, text = tf.numpy_function(t.control, [row, seed], [tf.int32, tf.string], stateful=False)
-  return tf.ensure_shape(ids, [t.control_len]), tf.ensure_shape(text, [])
+def _padded(rows: list, fill, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """(values [B, max(len)] padded with `fill`, lengths int32[B]) of a list of sequences."""
+  lengths = np.asarray([len(x) for x in rows], np.int32)
+  out = np.full((len(rows), int(lengths.max(initial=0))), fill, dtype)
+  for i, x in enumerate(rows):
+    out[i, :len(x)] = x
+  return out, lengths
 
 
-def _pad_to(ids, length: int):
-  tf = _tensorflow()
-  return tf.ensure_shape(tf.pad(ids, [[0, length - tf.shape(ids)[0]]]), [length])
+# ----------------------------------------------------------------------------- per row
 
 
 def _region_input(lay: windows.Layout, data: bytes, box: np.ndarray):
@@ -151,10 +182,10 @@ def _image_key_names(lay: windows.Layout) -> tuple[str, ...]:
   return ("image", "image_hw", "window") + (("hash_pixels",) if lay.hash else ())
 
 
-def _image_keys(path, box, lay: windows.Layout) -> dict:
-  """The image keys of one row (ARCHITECTURE.md batch format): decoded and cut on the host by
-  `windows.region_input` (PIL releases the GIL while decoding and resizing, so the parallel
-  map runs rows concurrently)."""
+def _image_keys(data, box, lay: windows.Layout) -> dict:
+  """The image keys of one row (ARCHITECTURE.md batch format) from the image's encoded bytes:
+  decoded and cut on the host by `windows.region_input` (PIL releases the GIL while decoding
+  and resizing, so the parallel map runs rows concurrently)."""
   tf = _tensorflow()
   names = _image_key_names(lay)
   types = {"image": tf.uint8, "image_hw": tf.int32, "window": tf.float32,
@@ -162,43 +193,72 @@ def _image_keys(path, box, lay: windows.Layout) -> dict:
   shapes = {"image": [lay.levels, lay.side, lay.side, 3], "image_hw": [2],
             "window": [lay.levels, windows.GEOMETRY],
             "hash_pixels": [windows.HASH_CROPS, windows.HASH_SIDE, windows.HASH_SIDE]}
-  out = tf.numpy_function(functools.partial(_region_input, lay), [tf.io.read_file(path), box],
+  out = tf.numpy_function(functools.partial(_region_input, lay), [data, box],
                           [types[k] for k in names], stateful=False)
   return {k: tf.ensure_shape(v, shapes[k]) for k, v in zip(names, out)}
 
 
-def _load_row(t: _Tables, row, lay: windows.Layout, control_seed=None):
-  """One example dict (ARCHITECTURE.md batch format, unbatched) for table row `row`."""
+def _load_row(t: _Tables, ex, lay: windows.Layout):
+  """One example dict (ARCHITECTURE.md batch format, unbatched) from one row of a host batch
+  (`_HostReader.FIELDS`)."""
   tf = _tensorflow()
-  tags = tf.gather(t.tag_ids, row) if t.tag_ids is not None else tf.zeros([0], tf.int32)
+  tags = ex["tags"][:ex["num_tags"]]
   multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
-  if control_seed is None:
-    control, control_text = tf.constant(t.empty_control, tf.int32), None
-  else:
-    control, control_text = _control_ids(t, row, control_seed)
-  caption_ids = _pad_to(t.caption_ids[row], t.caption_len)
-  ex = {
-      **_image_keys(t.image_path[row], t.box[row], lay),
-      "box": t.box[row],
+  caption_ids, control = ex["caption_ids"], ex["control_ids"]
+  return {
+      **_image_keys(ex["image"], ex["box"], lay),
+      "box": ex["box"],
       "caption_ids": caption_ids,
       "caption_mask": tf.cast(caption_ids != 0, tf.int32),
       "control_ids": control,
       "control_mask": tf.cast(control != 0, tf.int32),
-      "text_ids": _pad_to(t.text_ids[row], t.text_len),
+      "text_ids": ex["text_ids"],
       "tags": tf.ensure_shape(multi_hot, [t.num_tags]),
-      "category": t.category[row],
-      "attributes": t.attributes[row],
+      "category": ex["category"],
+      "attributes": ex["attributes"],
   }
-  if control_text is not None:
-    ex["control_text"] = control_text
-  return ex
 
 
-def layout_for(source: sources_lib.Source, window_size: int, *, hash: bool) -> windows.Layout:
+def layout_for(source: sources_lib.RegionSource, window_size: int, *,
+               hash: bool) -> windows.Layout:
   """The windows' layout for a source's images (views/windows.layout); `hash` False drops the
   hash pixels (training never hashes)."""
   lay = windows.layout(source.max_image_side, window_size)
   return windows.Layout(lay.side, lay.levels, lay.hash and hash)
+
+
+class _Batches:
+  """A pipeline's numpy batches. Closed at interpreter exit: a live tf.data iterator whose
+  threads run the Python host step would otherwise hang the exit (its threads wait for the
+  interpreter that is finalising)."""
+
+  def __init__(self, ds):
+    self._it = ds.as_numpy_iterator()
+    with _LIVE_LOCK:
+      if not _LIVE:
+        atexit.register(_close_all)  # registered after TensorFlow's own: runs before them
+      _LIVE.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._it is None:
+      raise StopIteration
+    return next(self._it)
+
+  def close(self) -> None:
+    """Deletes the tf.data iterator (its threads stop)."""
+    self._it = None
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+
+def _close_all() -> None:
+  for batches in list(_LIVE):
+    batches.close()
 
 
 def _options(ds):
@@ -209,7 +269,7 @@ def _options(ds):
   return ds.with_options(opts)
 
 
-def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, seed: int,
+def make_train_iterator(source: sources_lib.RegionSource, *, global_batch_size: int, seed: int,
                         tokenizer, window_size: int, process_index: int = 0,
                         process_count: int = 1, start_step: int = 0, caption_len: int = 32,
                         control_len: int = 32, text_len: int = 32, prefetch: int = 2,
@@ -235,29 +295,31 @@ def make_train_iterator(source: sources_lib.Source, *, global_batch_size: int, s
   if steps_per_epoch < 1:
     raise ValueError(f"{n} examples cannot fill one global batch of {global_batch_size}")
   local = global_batch_size // process_count
-  t = _Tables(source.table, tokenizer, caption_len, control_len, text_len, text_tokenizer,
-              control_phrases)
+  t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len)
+  reader = _HostReader(source, tokenizer, t, text_tokenizer, seed, control_phrases)
   lay = layout_for(source, window_size, hash=False)
 
-  def example(counter):
-    step, r = counter // local, counter % local
+  def host(step):
+    """The rows (regions) this process reads in global step `step`, read on the host."""
     epoch, j = step // steps_per_epoch, step % steps_per_epoch
-    position = j * global_batch_size + process_index * local + r
+    positions = j * global_batch_size + process_index * local + tf.range(local, dtype=tf.int64)
     epoch_seed = tf.stack([tf.cast(seed, tf.int64), epoch])
-    row = tf.random.experimental.index_shuffle(position, epoch_seed, n - 1)
-    control_seed = tf.stack([tf.cast(seed, tf.int64), epoch, row])
-    ex = _load_row(t, row, lay, control_seed)
-    ex["mask"] = tf.constant(True)  # training batches are never padded
-    control_text = ex.pop("control_text")
-    if with_ids:
-      ex["image_id"], ex["region_id"] = t.image_id[row], t.region_id[row]
-      ex["control_text"] = control_text
-    return ex
+    rows = tf.random.experimental.index_shuffle(positions, epoch_seed, n - 1)
+    return reader.batch(rows, epoch, local)
 
-  ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max)
-  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  def example(ex):
+    out = _load_row(t, reader.drop_spare(ex), lay)
+    out["mask"] = tf.constant(True)  # training batches are never padded
+    if with_ids:
+      for key in ("image_id", "region_id", "control_text"):
+        out[key] = ex[key]
+    return out
+
+  # The host step reads one batch ahead of the parallel per-row map.
+  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(host).prefetch(1)
+  ds = ds.unbatch().map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = _options(ds.batch(local, drop_remainder=True).prefetch(prefetch))
-  return ds.as_numpy_iterator()
+  return _Batches(ds)
 
 
 class EvalIterable:
@@ -281,37 +343,43 @@ class EvalIterable:
     self.num_steps = -(-largest // self.local)
     self.layout = layout_for(source, window_size, hash=True)
     self.prefetch = prefetch
-    self._t = _Tables(source.table, tokenizer, caption_len, control_len, text_len,
-                      text_tokenizer)
+    self._t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len)
+    self._reader = _HostReader(source, tokenizer, self._t, text_tokenizer)
 
   def __len__(self) -> int:
     return self.num_steps
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     tf = _tensorflow()
-    t, start, count = self._t, self.start, self.end - self.start
+    t, local, reader = self._t, self.local, self._reader
+    start, count, n = self.start, self.end - self.start, self.source.num_examples
+    pad_row = min(start, max(n - 1, 0))
 
-    def example(c):
+    def host(step):
+      c = step * local + tf.range(local, dtype=tf.int64)
       valid = c < count
-      row = tf.where(valid, start + c, min(start, max(t.n - 1, 0)))
-      ex = _load_row(t, row, self.layout)
+      ex = reader.batch(tf.where(valid, start + c, pad_row), tf.constant(-1, tf.int64), local)
       ex["mask"] = valid
-      ex["row"] = row
-      ex["image_id"] = t.image_id[row]
-      ex["region_id"] = t.region_id[row]
       return ex
 
-    ds = tf.data.Dataset.range(self.num_steps * self.local)
+    def example(ex):
+      out = _load_row(t, reader.drop_spare(ex), self.layout)
+      for key in ("mask", "image_id", "region_id", "references", "num_refs"):
+        out[key] = ex[key]
+      return out
+
+    ds = tf.data.Dataset.range(self.num_steps).map(host).prefetch(1).unbatch()
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = _options(ds.batch(self.local, drop_remainder=True).prefetch(self.prefetch))
-    refs = self.source.table.references
-    for batch in ds.as_numpy_iterator():
-      rows = batch.pop("row")
-      batch["captions"] = [list(refs[r]) if m else [] for r, m in zip(rows, batch["mask"])]
+    # Each host batch is `local` rows, so every output batch is one host batch (references are
+    # padded to that batch's longest list).
+    ds = _options(ds.batch(local, drop_remainder=True).prefetch(self.prefetch))
+    for batch in _Batches(ds):
+      refs, num = batch.pop("references"), batch.pop("num_refs")
+      batch["captions"] = [[r.decode("utf-8") for r in refs[i, :num[i]]] if batch["mask"][i]
+                           else [] for i in range(local)]
       yield batch
 
 
-def make_eval_iterator(source: sources_lib.Source, **kw) -> EvalIterable:
+def make_eval_iterator(source: sources_lib.RegionSource, **kw) -> EvalIterable:
   """See `EvalIterable`; iterate it once per evaluation."""
   return EvalIterable(source, **kw)
-

@@ -7,10 +7,14 @@
 
 Two kinds of data (`config.data.name`):
 
-* "synthetic": the generated region world (data/synthetic.py), its own word-level tokenizer.
-* anything else: real datasets prepared by tools/prepare_data.py under `config.data.dir`
-  (`<dir>/<dataset>/<split>.json` region records; images where the records point). Read by
-  `_prepare_real`; the config fields are listed in `REAL_DATA_FIELDS`.
+* "synthetic": the generated region world (data/synthetic.py) built by its TFDS builder under
+  `config.data.dir` (default <workdir>/data), with its own word-level tokenizer.
+* anything else: real datasets built by tools/prepare_data.py (TFDS builders, data/builders/)
+  into the TFDS data dir `config.data.dir`; splits are named 'dataset/split' ('vg/train').
+  Read by `_prepare_real`; the config fields are listed in `REAL_DATA_FIELDS`.
+
+Both read through sources.RegionSource (ArrayRecord by region index): a process holds the
+splits' region indices, never their regions.
 
 Bad or missing user paths raise `DataError`: one line naming the config flag to set.
 """
@@ -23,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from dynrefer_jax.data import pipeline, sources, synthetic
+from dynrefer_jax.data import pipeline, sources
 from dynrefer_jax.data import tokenizer as tokenizer_lib
 from dynrefer_jax.train import TrainingError  # train imports this module lazily: no cycle
 from dynrefer_jax.config_lib import ConfigError
@@ -45,6 +49,9 @@ class Data:
   train_iterator: Callable[..., Iterator[dict]]
   eval_iterator: Callable[[str], Any]
   text_vocab_size: int | None = None  # the text tower's tokenizer when not the LM's (CLIP BPE)
+  # split name -> {"captions": [N], "category": int[N], "attributes": int[N, A]} of every region
+  # (sources.summary: small splits only; the synthetic world's baselines)
+  summarize: Callable[[str], dict] | None = None
 
   @property
   def vocab_size(self) -> int:
@@ -81,13 +88,26 @@ def prepare(config, workdir: str) -> Data:
   return _prepare_synthetic(config, workdir)
 
 
+def _build(dataset: str, data_dir: str, **kw):
+  """builders.build, with TFDS's progress bars off (one line per split instead)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.data import builders  # pylint: disable=import-outside-toplevel
+  tfds.disable_progress_bar()
+  return builders.build(dataset, data_dir, **kw)
+
+
 def _prepare_synthetic(config, workdir: str) -> Data:
+  from dynrefer_jax.data.builders import synthetic as world  # pylint: disable=import-outside-toplevel
   d = config.data
   root = d.dir or os.path.join(workdir, "data")
-  meta = synthetic.ensure(root, seed=d.seed, num_images=dict(d.num_images),
-                          image_size=d.image_size)
-  tok_dir = os.path.join(root, "tokenizer")
-  train_json = synthetic.load_split(root, "train")
+  try:
+    world_config = world.world_config(d.seed, dict(d.num_images), d.image_size)
+  except ValueError as e:
+    raise DataError(f"config.data.num_images: {_one_line(e)}") from None
+  builder = _build("synthetic", root, config=world_config)
+  meta = builder.info.metadata["meta"]
+  train_source = sources.RegionSource(builder, "train")
+  tok_dir = os.path.join(root, "tokenizer", world_config.name)
   prompts = meta["attribute_prompts"]
   templates, template_to_attr = [], []
   for i, a in enumerate(meta["attributes"]):
@@ -98,8 +118,8 @@ def _prepare_synthetic(config, workdir: str) -> Data:
   if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
     tok = tokenizer_lib.load_tokenizer(tok_dir)
   else:
-    texts = ([a["caption"] for a in train_json["annotations"]] + list(meta["tags"])
-             + templates + classes)
+    texts = (sources.summary(train_source)["captions"] + list(meta["tags"]) + templates
+             + classes)
     tok = tokenizer_lib.build_tokenizer(texts, tok_dir)
   text_len = d.text_len
   token_ids = {"tags": _tokenize(tok, list(meta["tags"]), text_len),
@@ -110,7 +130,15 @@ def _prepare_synthetic(config, workdir: str) -> Data:
   pidx, pcount = jax.process_index(), jax.process_count()
   kw = dict(window_size=d.window_size, tokenizer=tok, caption_len=d.caption_len,
             control_len=d.control_len, text_len=text_len)
-  train_source = sources.SyntheticSource(root, "train")
+  split_sources = {"train": train_source}
+
+  def source(split: str) -> sources.RegionSource:
+    if split not in split_sources:
+      if split not in builder.info.splits:
+        raise DataError(f"unknown evaluation split {split!r}; the synthetic world has "
+                        f"{', '.join(builder.info.splits)} (config.data.num_images)")
+      split_sources[split] = sources.RegionSource(builder, split)
+    return split_sources[split]
 
   def train_iterator(start_step: int = 0):
     return pipeline.make_train_iterator(train_source, global_batch_size=config.train.batch_size,
@@ -120,14 +148,14 @@ def _prepare_synthetic(config, workdir: str) -> Data:
 
   def eval_iterator(split: str, batch_size: int | None = None):
     bs = batch_size or config.get("eval", {}).get("batch_size", config.train.batch_size)
-    return pipeline.make_eval_iterator(sources.SyntheticSource(root, split),
-                                       global_batch_size=bs, process_index=pidx,
-                                       process_count=pcount, **kw)
+    return pipeline.make_eval_iterator(source(split), global_batch_size=bs,
+                                       process_index=pidx, process_count=pcount, **kw)
 
   return Data(root=root, meta=meta, tokenizer=tok, text_token_ids=token_ids,
               template_to_attribute=np.asarray(template_to_attr, np.int32),
-              num_train_examples=len(train_json["annotations"]),
-              train_iterator=train_iterator, eval_iterator=eval_iterator)
+              num_train_examples=train_source.num_examples,
+              train_iterator=train_iterator, eval_iterator=eval_iterator,
+              summarize=lambda split: sources.summary(source(split)))
 
 
 def resolve_vocab(config, data: Data) -> None:
@@ -148,8 +176,8 @@ def resolve_vocab(config, data: Data) -> None:
 
 # config.data fields of a real (prepared) dataset; configs/common.real_data() gives defaults.
 REAL_DATA_FIELDS = {
-    "dir": "root of the tools/prepare_data.py outputs: <dir>/<dataset>/<split>.json",
-    "train": "training split, relative to dir without .json ('vg/train'); '' = none (eval only)",
+    "dir": "the TFDS data dir tools/prepare_data.py built the datasets into (--data_dir)",
+    "train": "training split as 'dataset/split' ('vg/train'); '' = none (evaluation only)",
     "splits": "{name: 'dataset/split'}: the evaluation splits config.eval.splits names",
     "tokenizer_dir": "Hugging Face T5 tokenizer folder (flan-t5-xl); default: the tokenizer/ of "
                      "the converted checkpoint (--checkpoint or config.model_init)",
@@ -180,9 +208,15 @@ def _load_json(path: str, flag: str) -> Any:
     raise DataError(f"{flag}: cannot read {path}: {_one_line(e)}") from None
 
 
-def _split_path(root: str, spec: str) -> str:
-  path = spec if os.path.isabs(spec) else os.path.join(root, spec)
-  return path if path.endswith(".json") else path + ".json"
+def _split_spec(spec: str, flag: str) -> tuple[str, str]:
+  """'dataset/split' -> (dataset, split); the dataset must be one of builders.BUILDERS."""
+  from dynrefer_jax.data import builders  # pylint: disable=import-outside-toplevel
+  dataset, _, split = spec.strip("/").partition("/")
+  known = sorted(k for k in builders.BUILDERS if k != "synthetic")
+  if not split or "/" in split or dataset not in known:
+    raise DataError(f"{flag}={spec}: expected 'dataset/split' with dataset one of "
+                    f"{', '.join(known)} (e.g. vg/train)")
+  return dataset, split
 
 
 def _converted_vocab(workdir: str, model_init: str) -> tuple[dict | None, str]:
@@ -206,9 +240,12 @@ def _caption_tags(captions, max_tags: int) -> list[str]:
   return [t for t, _ in ranked[:max_tags]]
 
 
-def _vocabulary(d, workdir: str, model_init: str, train_data: dict | None,
-                eval_files: dict[str, str]) -> dict:
-  """The model's label vocabularies: tags, attributes (+ templates), categories (+ prompts)."""
+def _vocabulary(d, workdir: str, model_init: str, train_vocab: dict | None, train_captions,
+                eval_vocabs) -> dict:
+  """The model's label vocabularies: tags, attributes (+ templates), categories (+ prompts).
+
+  train_vocab: the training split's own {tags, categories, attributes} (None: no training
+  split); train_captions(): its captions; eval_vocabs(): {split name: its own vocabularies}."""
   from dynrefer_jax.data import tags as tags_lib  # pylint: disable=import-outside-toplevel
   from dynrefer_jax.evaluators import attributes as attr_lib  # pylint: disable=import-outside-toplevel
   converted, converted_root = _converted_vocab(workdir, model_init)
@@ -219,10 +256,10 @@ def _vocabulary(d, workdir: str, model_init: str, train_data: dict | None,
     v["tags"] = tags_lib.load_vocabulary(d.tag_list)
   elif converted is not None:
     v["tags"] = list(converted["tags"])
-  elif train_data is not None and train_data.get("vocab", {}).get("tags"):
-    v["tags"] = list(train_data["vocab"]["tags"])
-  elif train_data is not None:
-    v["tags"] = _caption_tags((a["caption"] for a in train_data["annotations"]), d.max_tags)
+  elif train_vocab is not None and train_vocab.get("tags"):
+    v["tags"] = list(train_vocab["tags"])
+  elif train_vocab is not None:
+    v["tags"] = _caption_tags(train_captions(), d.max_tags)
   if not v.get("tags"):
     raise DataError("no tag vocabulary: set --config.data.tag_list=ram_tag_list.txt (or "
                     "--config.model_init to a converted checkpoint with vocab.json)")
@@ -230,11 +267,10 @@ def _vocabulary(d, workdir: str, model_init: str, train_data: dict | None,
   cache = {}
 
   def file_vocabs() -> dict:
-    """The label lists the split files were prepared with (read only when needed)."""
+    """The label lists the splits were built with (read only when needed)."""
     if not cache:
-      cache["train"] = train_data.get("vocab", {}) if train_data is not None else {}
-      for name, path in eval_files.items():
-        cache[name] = _load_json(path, f"config.data.splits.{name}").get("vocab", {})
+      cache["train"] = train_vocab or {}
+      cache.update(eval_vocabs())
     return cache
 
   if d.ovad_annotations:
@@ -305,38 +341,17 @@ def _load_tokenizer(d, workdir: str, model_init: str, root: str, texts_for_fixtu
                   "flan-t5-xl folder with spiece.model / tokenizer.json)")
 
 
-def _check_images(table: sources.RegionTable, path: str) -> None:
-  paths = sorted(set(table.image_path.tolist()))
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    raise DataError(f"{len(missing)} of {len(paths)} images of {path} are missing (e.g. "
-                    f"{missing[0]}); tools/prepare_data.py records absolute image paths: re-run "
-                    "it with --image_dir where the images are now")
-
-
-def _table(data: dict, path: str, vocab: dict, parser) -> sources.RegionTable:
-  fv = data.get("vocab", {})
-  image_root = os.path.join(os.path.dirname(path), data.get("dataset", {}).get("image_root", ""))
-  try:
-    table = sources.table_from_coco_style(
-        data, image_root, tag_vocab=fv.get("tags", []), categories=fv.get("categories", []),
-        attribute_names=fv.get("attributes", []))
-  except (KeyError, TypeError, ValueError) as e:
-    raise DataError(f"{path} is not a tools/prepare_data.py record file: "
-                    f"{_one_line(repr(e))}") from None
-  _check_images(table, path)
-  return sources.remap_table(table, tag_vocab=vocab["tags"], categories=vocab["categories"],
-                             attribute_names=vocab["attributes"], tag_parser=parser)
-
-
 def _prepare_real(config, workdir: str) -> Data:
-  """A dataset prepared by tools/prepare_data.py (module docstring; REAL_DATA_FIELDS)."""
+  """Datasets built by tools/prepare_data.py (module docstring; REAL_DATA_FIELDS)."""
+  from dynrefer_jax.data import builders  # pylint: disable=import-outside-toplevel
   from dynrefer_jax.data import tags as tags_lib  # pylint: disable=import-outside-toplevel
   d = config.data
   root = d.dir
   if not root and d.get("fixture"):
     from dynrefer_jax.data import fixture  # pylint: disable=import-outside-toplevel
     root = os.path.join(workdir, "data")
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds.disable_progress_bar()
     raw = fixture.ensure(root)
     d = d.copy_and_resolve_references()
     # The fixture's own RAM-style tag list, OVAD file and class list, as a user would pass them.
@@ -344,44 +359,67 @@ def _prepare_real(config, workdir: str) -> Data:
     d.ovad_annotations = d.ovad_annotations or raw["ovad"]
     d.class_names = d.class_names or raw["classes"]
   if not root:
-    raise DataError("config.data.dir is empty: set --config.data.dir=DIR, the folder holding "
-                    "the tools/prepare_data.py outputs (DIR/vg/train.json, ...)")
+    raise DataError("config.data.dir is empty: set --config.data.dir=DIR, the TFDS data dir "
+                    "tools/prepare_data.py built the datasets into (--data_dir DIR)")
   if not os.path.isdir(root):
     raise DataError(f"--config.data.dir: no such directory: {root}")
   splits = dict(d.splits)
-  eval_files = {name: _split_path(root, spec) for name, spec in splits.items()}
-  train_file = _split_path(root, d.train) if d.train else ""
   wanted = list(config.get("eval", {}).get("splits", []))
   unknown = [s for s in wanted if s not in splits and s != "train"]
   if unknown:
     raise DataError(f"config.eval.splits names {unknown[0]!r}, which config.data.splits does "
                     f"not define (known: {', '.join(sorted(splits)) or 'none'})")
-  missing = [f"config.data.{'train' if n == 'train' else 'splits.' + n}={f}"
-             for n, f in ([("train", train_file)] if train_file else [])
-             + [(s, eval_files[s]) for s in wanted if s in eval_files]
-             if not os.path.isfile(f)]
+  specs = {name: _split_spec(spec, f"config.data.splits.{name}") for name, spec in splits.items()}
+  train_spec = _split_spec(d.train, "config.data.train") if d.train else None
+  loaded = {}
+
+  def builder_of(dataset: str):
+    if dataset not in loaded:
+      loaded[dataset] = builders.load(dataset, root)
+    return loaded[dataset]
+
+  def prepared(spec) -> bool:
+    b = builder_of(spec[0])
+    return b.is_prepared() and spec[1] in b.info.splits
+  need = ([("config.data.train", d.train, train_spec)] if train_spec else []) + [
+      (f"config.data.splits.{s}", splits[s], specs[s]) for s in wanted if s in specs]
+  missing = [(flag, spec, ds) for flag, spec, ds in need if not prepared(ds)]
   if missing:
-    raise DataError(f"{len(missing)} prepared split file(s) missing: {'; '.join(missing)} "
-                    "(write them with tools/prepare_data.py --out DIR/<dataset> --split <split>)")
+    datasets = list(dict.fromkeys(ds[0] for _, _, ds in missing))
+    raise DataError(
+        f"{len(missing)} split(s) not built in {root}: "
+        f"{'; '.join(f'{flag}={spec}' for flag, spec, _ in missing)} (build them with "
+        f"tools/prepare_data.py --dataset {'|'.join(datasets)} --manual_dir RAW "
+        f"--data_dir {root})")
+
+  def own_vocab(spec) -> dict:
+    return builder_of(spec[0]).info.metadata["splits"][spec[1]]["vocab"]
 
   # Vocabulary and tokenizer of the converted checkpoint the weights rest on: model_init (or
   # what the workdir was trained from), followed down a chain of training workdirs.
   from dynrefer_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   model_init = ckpt_lib.converted_root(config.get("model_init", "") or ""
                                        or ckpt_lib.recorded_init(workdir))
-  train_data = _load_json(train_file, "config.data.train") if train_file else None
-  vocab = _vocabulary(d, workdir, model_init, train_data, {s: eval_files[s] for s in wanted
-                                                          if s in eval_files})
+  own_train = sources.RegionSource(builder_of(train_spec[0]), train_spec[1]) \
+      if train_spec else None
+  vocab = _vocabulary(
+      d, workdir, model_init, own_vocab(train_spec) if train_spec else None,
+      lambda: sources.summary(own_train)["captions"],
+      lambda: {s: own_vocab(specs[s]) for s in wanted if s in specs})
   parser = tags_lib.TagParser(vocab["tags"])
-  train_table = None
-  if train_data is not None:
-    train_table = _table(train_data, train_file, vocab, parser)
-    del train_data
-    if not len(train_table):
-      raise DataError(f"config.data.train: {train_file} holds no regions")
+
+  def source(spec) -> sources.RegionSource:
+    return sources.RegionSource(builder_of(spec[0]), spec[1], tag_vocab=vocab["tags"],
+                                categories=vocab["categories"],
+                                attribute_names=vocab["attributes"], tag_parser=parser)
+  train_source = None
+  if train_spec:
+    train_source = source(train_spec)
+    if not train_source.num_examples:
+      raise DataError(f"config.data.train: {d.train} holds no regions")
 
   def fixture_texts():
-    caps = list(train_table.caption) if train_table is not None else []
+    caps = sources.summary(train_source)["captions"] if train_source is not None else []
     return caps + vocab["tags"] + vocab["class_prompts"] + vocab["attribute_templates"]
 
   tok = _load_tokenizer(d, workdir, model_init, root, fixture_texts)
@@ -410,30 +448,32 @@ def _prepare_real(config, workdir: str) -> Data:
   pidx, pcount = jax.process_index(), jax.process_count()
   kw = dict(window_size=d.window_size, tokenizer=tok, caption_len=d.caption_len,
             control_len=d.control_len, text_len=text_len, text_tokenizer=text_tok)
-  eval_tables: dict[str, sources.RegionTable] = {}
+  eval_sources: dict[str, sources.RegionSource] = {}
 
   def train_iterator(start_step: int = 0):
-    if train_table is None:
+    if train_source is None:
       raise DataError("no training split: set --config.data.train=DATASET/SPLIT (e.g. vg/train)")
     return pipeline.make_train_iterator(
-        sources.TableSource(train_table), global_batch_size=config.train.batch_size,
-        seed=config.seed, process_index=pidx, process_count=pcount, start_step=start_step,
+        train_source, global_batch_size=config.train.batch_size, seed=config.seed,
+        process_index=pidx, process_count=pcount, start_step=start_step,
         control_phrases=d.get("control_phrases", True), **kw)
 
-  def eval_iterator(split: str, batch_size: int | None = None):
-    if split == "train" and train_table is not None:
-      table = train_table
-    elif split in eval_tables:
-      table = eval_tables[split]
-    else:
-      if split not in eval_files:
+  def split_source(split: str) -> sources.RegionSource:
+    if split == "train" and train_source is not None:
+      return train_source
+    if split not in eval_sources:
+      if split not in specs:
         raise DataError(f"unknown evaluation split {split!r}; config.data.splits defines "
-                        f"{', '.join(sorted(eval_files)) or 'none'}")
-      path = eval_files[split]
-      table = eval_tables[split] = _table(_load_json(path, f"config.data.splits.{split}"),
-                                          path, vocab, parser)
+                        f"{', '.join(sorted(specs)) or 'none'}")
+      if not prepared(specs[split]):
+        raise DataError(f"config.data.splits.{split}={splits[split]} is not built in {root} "
+                        f"(tools/prepare_data.py --dataset {specs[split][0]})")
+      eval_sources[split] = source(specs[split])
+    return eval_sources[split]
+
+  def eval_iterator(split: str, batch_size: int | None = None):
     bs = batch_size or config.get("eval", {}).get("batch_size", config.train.batch_size)
-    return pipeline.make_eval_iterator(sources.TableSource(table), global_batch_size=bs,
+    return pipeline.make_eval_iterator(split_source(split), global_batch_size=bs,
                                        process_index=pidx, process_count=pcount, **kw)
 
   meta = {"tags": vocab["tags"], "categories": vocab["categories"],
@@ -441,9 +481,10 @@ def _prepare_real(config, workdir: str) -> Data:
                          for n, f in zip(vocab["attributes"], vocab["attribute_freq"])],
           "attribute_templates": vocab["attribute_templates"],
           "class_prompts": vocab["class_prompts"], "vocab_source": vocab["source"],
-          "splits": {"train": train_file, **eval_files}}
+          "splits": {"train": d.train, **splits}, "data_dir": root}
   return Data(root=root, meta=meta, tokenizer=tok, text_token_ids=token_ids,
               template_to_attribute=np.asarray(vocab["template_to_attribute"], np.int32),
-              num_train_examples=len(train_table) if train_table is not None else 0,
+              num_train_examples=train_source.num_examples if train_source is not None else 0,
               train_iterator=train_iterator, eval_iterator=eval_iterator,
-              text_vocab_size=text_vocab_size)
+              text_vocab_size=text_vocab_size,
+              summarize=lambda split: sources.summary(split_source(split)))

@@ -20,7 +20,8 @@ trained from scratch on a CPU can learn in minutes, so the language is small and
 - Splits `train`, `val`, `test` never contain the held-out (category, colour) pairs;
   `heldout` annotates only objects with such a pair (compositional generalisation).
 
-On disk (`generate`/`ensure`):
+On disk (`generate`; the TFDS builder data/builders/synthetic.py renders the world with it and
+stores it as the dataset `dynrefer_synthetic`):
   out_dir/meta.json                 vocabularies, held-out pairs, generation parameters, version
   out_dir/images/<split>/<id>.png
   out_dir/<split>.json              COCO-style: images[{id, file_name, height, width}],
@@ -359,23 +360,6 @@ def generate(out_dir: str, *, seed: int = 0, num_images: dict[str, int] | None =
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return meta
-
-
-def ensure(out_dir: str, *, seed: int = 0, num_images: dict[str, int] | None = None,
-           image_size: int = 128) -> dict[str, Any]:
-  """Returns the meta of the world in `out_dir`, generating it only when missing or stale
-  (another version, seed, size or split counts)."""
-  num_images = dict(DEFAULT_NUM_IMAGES if num_images is None else num_images)
-  want = build_meta(seed, num_images, image_size)
-  try:
-    with open(os.path.join(out_dir, "meta.json")) as f:
-      have = json.load(f)
-    if have == want and all(os.path.exists(os.path.join(out_dir, f"{s}.json"))
-                            for s in num_images):
-      return have
-  except (OSError, ValueError):
-    pass
-  return generate(out_dir, seed=seed, num_images=num_images, image_size=image_size)
 
 
 def load_split(out_dir: str, split: str) -> dict[str, Any]:

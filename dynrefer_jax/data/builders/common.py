@@ -6,8 +6,9 @@ A builder reads one public annotation format into *raw records* (one per region)
    possibly bad), "caption": str, "references": [str] (optional), "category": str | None,
    "att_vec": [A] | None}
 
-`clean_split` validates every image once and every record, repairing or skipping it by the rules
-below, and counts each decision in a `Report`. It never raises on a bad record.
+`clean_images` validates every image once and every record, repairing or skipping it by the rules
+below, and counts each decision in a `Report`. It never raises on a bad record. The TFDS builders
+(base.RegionBuilder) write what it yields, one example per image, and keep the report.
 
 Rules (the kind names are the keys of the report):
 
@@ -21,8 +22,8 @@ Images (decoded with PIL; `ImageFile.LOAD_TRUNCATED_IMAGES` stays False so trunc
                        to the display orientation; boxes are taken to be in display coordinates
                        (what annotators saw)
   Images keep their resolution, whatever their size (the model cuts its views from windows of the
-  full-resolution image, views/windows.py). A repaired image is re-encoded losslessly as PNG
-  under <out>/images/; a clean one is used in place.
+  full-resolution image, views/windows.py). A repaired image is stored re-encoded losslessly as
+  PNG; a clean one as the bytes of its file.
 Boxes (xyxy)
   box_nan              a non-finite coordinate                      -> skip
   box_negative_size    x2 < x1 or y2 < y1                           -> skip
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import math
 import os
@@ -151,7 +153,7 @@ def coco_regions(path: str) -> tuple[dict, Iterator[tuple[dict, dict]]]:
   return data, pairs
 
 
-def coco_category_records(path: str, image_dir: str, *, attributes: bool = False
+def coco_category_records(path: str, image_dir: str | Sequence[str], *, attributes: bool = False
                           ) -> tuple[list[dict[str, Any]], list[str], dict]:
   """One record per annotation of a COCO-style JSON (COCO instances, OVAD): the box from `bbox`
   (xywh), the category name as caption and category (an unknown id becomes a category name that
@@ -164,12 +166,23 @@ def coco_category_records(path: str, image_dir: str, *, attributes: bool = False
   for a, im in regions:
     name = names.get(a.get("category_id"))
     records.append({
-        "image_file": os.path.join(image_dir, im["file_name"]), "image_id": a["image_id"],
+        "image_file": find_image(image_dir, im["file_name"]), "image_id": a["image_id"],
         "region_id": a["id"], "box": xywh_to_xyxy(a.get("bbox")),
         "caption": name or "", "category": name if name is not None else
         f"<unknown id {a.get('category_id')}>",
         "att_vec": a.get("att_vec") if attributes else None})
   return records, [c["name"] for c in cats], data
+
+
+def find_image(image_dirs: str | Sequence[str], file_name: str) -> str:
+  """The path of `file_name` in the first of `image_dirs` that holds it (VG's images come in two
+  folders); the first folder's path when none does (cleaning then reports it missing)."""
+  dirs = [image_dirs] if isinstance(image_dirs, str) else list(image_dirs)
+  for d in dirs:
+    path = os.path.join(d, file_name)
+    if os.path.exists(path):
+      return path
+  return os.path.join(dirs[0], file_name)
 
 
 def xywh_to_xyxy(b: Sequence[Any]) -> list[float]:
@@ -183,12 +196,12 @@ def xywh_to_xyxy(b: Sequence[Any]) -> list[float]:
 # ----------------------------------------------------------------------------- images
 
 
-def check_image(path: str, report: Report, out_path: str):
+def check_image(path: str, report: Report):
   """Validates (and if needed repairs) one image.
 
-  Returns (file to use, (width, height) after repair, scale applied to boxes: (1, 1), as
-  nothing is resized) or None when the image is skipped. A repaired image is written as PNG to
-  `out_path` (atomically).
+  Returns (encoded bytes, (width, height) after repair, scale applied to boxes: (1, 1), as
+  nothing is resized) or None when the image is skipped. A clean image keeps the bytes of its
+  file; a repaired one is re-encoded as PNG (lossless: its pixels are exactly the repaired ones).
   """
   if not os.path.exists(path):
     report.skip("image_missing", path)
@@ -206,16 +219,15 @@ def check_image(path: str, report: Report, out_path: str):
         repaired.append(f"image_mode_{img.mode}")
         img = images.to_rgb8(img)
       if not repaired:
-        return path, img.size, (1.0, 1.0)
-      os.makedirs(os.path.dirname(out_path), exist_ok=True)
-      tmp = out_path + ".tmp"
-      img.save(tmp, format="PNG")
-      os.replace(tmp, out_path)
+        with open(path, "rb") as f:
+          return f.read(), img.size, (1.0, 1.0)
+      buf = io.BytesIO()
+      img.save(buf, format="PNG")
       for kind in repaired:
         report.repair(kind, path)
       with Image.open(path) as orig:
         ow, oh = ImageOps.exif_transpose(orig).size if orientation != 1 else orig.size
-      return out_path, img.size, (img.size[0] / ow, img.size[1] / oh)
+      return buf.getvalue(), img.size, (img.size[0] / ow, img.size[1] / oh)
   except images.ImageTooLarge as e:
     report.skip("image_too_large", str(e))
     return None
@@ -227,32 +239,42 @@ def check_image(path: str, report: Report, out_path: str):
 # ----------------------------------------------------------------------------- records
 
 
-def clean_split(records: Iterable[dict[str, Any]], *, out_dir: str, split: str,
-                categories: Sequence[str] | None = None,
-                attribute_names: Sequence[str] | None = None,
-                max_caption_tokens: int | None = None, tag_parser=None
-                ) -> tuple[dict[str, Any], Report]:
-  """Cleans raw records into our COCO-style record file (sources.JsonSource reads it).
+@dataclasses.dataclass
+class CleanImage:
+  """One image that passed `clean_images`, with its kept regions (annotations below)."""
+  image_id: int
+  file_name: str         # the file it was read from
+  encoded: bytes         # the file's bytes, or the repaired image as PNG
+  width: int
+  height: int
+  regions: list[dict[str, Any]]
 
-  Returns (data, report); `data` has images, annotations (bbox xywh, caption, references,
-  tag_ids, category, att_vec) and vocab. Image files are absolute paths, or repaired copies
-  under out_dir/images/<split>/.
+
+def clean_images(records: Iterable[dict[str, Any]], report: Report, *,
+                 categories: Sequence[str] | None = None,
+                 attribute_names: Sequence[str] | None = None,
+                 max_caption_tokens: int | None = None, tag_parser=None
+                 ) -> Iterator[CleanImage]:
+  """Cleans raw records, image by image in order of first appearance (the builders write one
+  example per yielded image). Counts every decision in `report`; never raises on a bad record.
+
+  Each region: {id, image_id, box [x1, y1, x2, y2] (pixels of the repaired image), caption,
+  references, category (name or None), att_vec ([A] of 1/0/-1, or None), tag_ids (with a
+  tag_parser: the sorted union of the caption's two tag sets)}.
   """
-  report = Report()
   num_attributes = None if attribute_names is None else len(attribute_names)
   by_image = collections.defaultdict(list)
   for r in records:
     report.regions_in += 1
     by_image[(r["image_id"], r["image_file"])].append(r)
   cat_set = set(categories or ())
-  images, annotations, seen_ids = [], [], set()
+  seen_ids = set()
   for (image_id, image_file), regs in by_image.items():
-    out_file = os.path.join(out_dir, "images", split, f"{image_id}.png")
-    checked = check_image(image_file, report, out_file)
+    checked = check_image(image_file, report)
     if checked is None:
       report.skipped["regions_of_skipped_images"] += len(regs)
       continue
-    use_file, (w, h), (sx, sy) = checked
+    encoded, (w, h), (sx, sy) = checked
     kept = []
     for r in regs:
       what = f"image {image_id} region {r['region_id']}"
@@ -265,15 +287,9 @@ def clean_split(records: Iterable[dict[str, Any]], *, out_dir: str, split: str,
       if ann is not None:
         kept.append(ann)
     if kept:
-      images.append({"id": image_id, "file_name": os.path.abspath(use_file), "width": w,
-                     "height": h})
-      annotations.extend(kept)
-  report.regions_out, report.images_out = len(annotations), len(images)
-  data = {"dataset": {"image_root": ""}, "images": images, "annotations": annotations,
-          "vocab": {"tags": list(tag_parser.vocabulary) if tag_parser else [],
-                    "categories": list(categories or []),
-                    "attributes": list(attribute_names or [])}}
-  return data, report
+      report.regions_out += len(kept)
+      report.images_out += 1
+      yield CleanImage(image_id, os.path.abspath(image_file), encoded, w, h, kept)
 
 
 def _clean_region(r, w, h, sx, sy, report, what, cat_set, num_attributes, max_caption_tokens,
@@ -307,8 +323,7 @@ def _clean_region(r, w, h, sx, sy, report, what, cat_set, num_attributes, max_ca
   if box is None:
     return None
   seen_ids.add(r["region_id"])
-  ann = {"id": r["region_id"], "image_id": r["image_id"],
-         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "caption": caption,
+  ann = {"id": r["region_id"], "image_id": r["image_id"], "box": box, "caption": caption,
          "references": r.get("references") or [caption], "category": category,
          "att_vec": att}
   if tag_parser is not None:
