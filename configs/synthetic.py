@@ -3,9 +3,13 @@ r"""DynRefer on the synthetic region world, trained and evaluated on a CPU.
   python -m dynrefer_jax.main --workdir workdirs/synthetic                      # the main job
   python -m dynrefer_jax.train --config configs/synthetic.py:smoke --workdir /tmp/smoke
 
-Arguments: "" (the default main job), "smoke" (seconds; the test suite), "ablation" (the main
-job trains and evaluates the four variants in turn and writes their table), "ablation:<variant>"
-with variant in t0, t1, random2, phash3 (one of them; SPEC §14's ablation, same budget each).
+Arguments: "" (the default main job, one seed), "smoke" (seconds; the test suite),
+"smoke_compare" (the seeded comparison at smoke size, with its variants "smoke:image" and
+"smoke:task": the test split, the image prior or the task priors),
+"ablation" (the main job trains and evaluates every variant with config.compare.seeds seeds and
+reports mean ± std and the paper's claims), "ablation:<variant>" with variant in t0, t1,
+random2, phash3 (one of them; SPEC §14's ablation, same budget each) or phash3_task (phash3
+evaluated with the task priors).
 Every part of DynRefer is present and, since nothing here is pretrained, trainable.
 """
 
@@ -60,28 +64,83 @@ def get_config(arg=None):
                 evaluators=dict(region_caption=dict(key="region_id")))
 
   if arg == "smoke":
-    c.model.vit.patch_size = 8
-    c.data.num_images = dict(train=8, val=4, test=4, heldout=4)
-    c.data.image_size = 64
-    c.data.window_size = 64
-    c.train.batch_size = 8
-    c.train.steps = 2
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.optim.warmup_steps = 0
+    _smoke(c)
+  elif arg in ("smoke:image", "smoke:task"):  # smoke_compare's variants: the test split only
+    _smoke(c)
+    c.eval.splits = ["test"]
+    c.eval.view_selection = {"smoke:image": "phash", "smoke:task": "task"}[arg]
+  elif arg == "smoke_compare":
+    # The comparison machinery at smoke size (the test suite): two seeds of the smoke model,
+    # evaluated with the image prior and (same checkpoints) with the task priors.
+    _smoke(c)
+    c.compare = dict(
+        title="Image prior vs task priors (smoke)", seeds=2, metrics=[],
+        variants=[dict(name="image", arg="smoke:image", label="image prior"),
+                  dict(name="task", arg="smoke:task", label="task priors",
+                       checkpoints_of="image")],
+        claims=[dict(claim="the image prior beats the task priors", a=["image"], b=["task"],
+                     metrics=["region_caption/CIDEr", "recognition/accuracy"],
+                     splits=["test"], sides=1),
+                dict(claim="the image prior vs the task priors", a=["image"], b=["task"],
+                     metrics=["region_caption/CIDEr", "attributes/ap/all"],
+                     splits=["test"], sides=2)])
   elif arg == "ablation":
-    # The main job runs each variant in turn (same budget) and writes the table.
-    c.ablation_variants = ["t0", "t1", "random2", "phash3"]
+    # The main job trains every variant with each seed (config.seed + 0, 1, ...; the synthetic
+    # world, data.seed, stays the same), evaluates it, and reports mean ± std and whether each
+    # of the paper's claims holds beyond the seed spread (dynrefer_jax/report.py).
+    caption, attrs = "region_caption/CIDEr", "attributes/ap/all"
+    category, dense = "recognition/accuracy", "dense_caption/mAP"
+    c.compare = dict(
+        title="View ablation", seeds=3,
+        metrics=[caption, "region_caption/METEOR", attrs, category, dense],
+        variants=[dict(name=v, arg=f"ablation:{v}", label=ABLATION_LABELS[v])
+                  for v in ("t0", "t1", "random2", "phash3")]
+        # The 3-view checkpoints again, each task scored on its task prior's views.
+        + [dict(name="phash3_task", arg="ablation:phash3_task",
+                label=ABLATION_LABELS["phash3_task"], checkpoints_of="phash3")],
+        claims=[
+            # SPEC §14's ablation: multi-view rows above the single-view ones.
+            dict(claim="multi-view beats single view on captions and attributes",
+                 a=["random2", "phash3"], b=["t0", "t1"], metrics=[caption, attrs],
+                 splits=["test"], sides=1),
+            # SPEC §14: random 3 views + image prior above random 2 views on every metric.
+            dict(claim="three views beat two", a=["phash3"], b=["random2"],
+                 metrics=[caption, attrs, category, dense], splits=["test"], sides=1),
+            # SPEC §8: each task has its best fixed views (Fig. 4); DynRefer infers with the
+            # image prior. Two-sided: which is better, where.
+            dict(claim="the image prior vs the task priors", a=["phash3"], b=["phash3_task"],
+                 metrics=[caption, attrs, category], splits=["test", "heldout"], sides=2)])
   elif arg.startswith("ablation:"):
     variant = arg.partition(":")[2]
-    if variant not in ("t0", "t1", "random2", "phash3"):
-      raise ValueError(f"unknown ablation variant {variant!r}: t0, t1, random2 or phash3")
+    if variant not in ABLATION_LABELS:
+      raise ValueError(f"unknown ablation variant {variant!r}: {', '.join(ABLATION_LABELS)}")
     c.ablation = variant
-    c.model.num_views = {"t0": 1, "t1": 1, "random2": 2, "phash3": 3}[variant]
-    c.model.fixed_ts = {"t0": (0.0,), "t1": (1.0,)}.get(variant, ())
+    base = variant.partition("_")[0]
+    c.model.num_views = {"t0": 1, "t1": 1, "random2": 2, "phash3": 3}[base]
+    c.model.fixed_ts = {"t0": (0.0,), "t1": (1.0,)}.get(base, ())
     c.eval.view_selection = {"t0": "fixed", "t1": "fixed", "random2": "phash",
-                             "phash3": "phash"}[variant]
-    c.eval.splits = ["test"]
+                             "phash3": "phash", "phash3_task": "task"}[variant]
+    c.eval.splits = ["test", "heldout"]
   elif arg:
-    raise ValueError(f"unknown argument {arg!r}: '', 'smoke' or 'ablation:<variant>'")
+    raise ValueError(f"unknown argument {arg!r}: '', 'smoke', 'smoke:image', 'smoke:task', "
+                     f"'smoke_compare', 'ablation' or 'ablation:<variant>'")
   return c
+
+
+ABLATION_LABELS = {"t0": "single view t=0", "t1": "single view t=1",
+                   "random2": "2 views (t=0 + 1 random in training; pHash at inference)",
+                   "phash3": "3 views, pHash image prior (DynRefer)",
+                   "phash3_task": "3 views, task priors (same checkpoints)"}
+
+
+def _smoke(c):
+  """Seconds on a CPU: the test suite's size."""
+  c.model.vit.patch_size = 8
+  c.data.num_images = dict(train=8, val=4, test=4, heldout=4)
+  c.data.image_size = 64
+  c.data.window_size = 64
+  c.train.batch_size = 8
+  c.train.steps = 2
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.optim.warmup_steps = 0

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from dynrefer_jax import checkpoint as ckpt_lib
-from dynrefer_jax import config_lib, functional, optim, sharding
+from dynrefer_jax import config_lib, console, functional, optim, sharding
 from dynrefer_jax import flops as flops_lib
 from dynrefer_jax.metrics_writer import MetricsWriter
 from dynrefer_jax.models import dynrefer as dynrefer_lib
@@ -303,8 +303,9 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
   token_ids = text_token_ids_from(data)
   state = build_model(config, token_ids, mesh, model_init=config.model_init)
   if state.initialised and is_main:
-    print(f"model_init {config.model_init} does not hold {', '.join(state.initialised)}: they "
-          f"start from the model's initialisation (seed {config.seed})", flush=True)
+    console.say("train", f"model_init {config.model_init} does not hold "
+                f"{', '.join(state.initialised)}: they start from the model's initialisation "
+                f"(seed {config.seed})")
   if config.model.get("scan_layers", False):
     stack_frozen(state)
   steps_per_epoch = max(data.num_train_examples // config.train.batch_size, 1)
@@ -342,7 +343,7 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
     state.trainable, opt_state, rng = st["trainable"], st["opt_state"], st["rng"]
     start_step = int(meta.get("data_step", int(st["step"])))
     if is_main:
-      print(f"resumed from step {start_step} ({source})", flush=True)
+      console.say("train", f"resumed from step {start_step} ({source})")
 
   example = {k: np.asarray(v) for k, v in data.example_batch().items()}
   step_fn = jit_train_step(state, tx, schedule, opt_shardings,
@@ -356,8 +357,9 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
   bar = None
   if progress and is_main:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-               file=sys.stdout)
+    # On the console even while the main job sends everything else to its log (console.py).
+    bar = tqdm(total=total_steps, initial=start_step, desc="[train]", dynamic_ncols=True,
+               file=console.stream())
   t_start = time.time()
   t_log, n_log = time.time(), 0
   step = start_step
@@ -406,7 +408,7 @@ def _train(config, workdir, *, data, progress, stop) -> dict:
         _save(checkpointer, step, state, opt_state, rng, config, force=True)
       if stopping:
         if is_main:
-          print(f"received signal {stop['stop']}: saved step {step}, exiting", flush=True)
+          console.say("train", f"received signal {stop['stop']}: saved step {step}, exiting")
         break
   finally:
     if bar is not None:
