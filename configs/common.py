@@ -136,9 +136,9 @@ def real_data(train: str = "", splits: dict | None = None) -> ml_collections.Con
       tokenizer_dir="", text_tokenizer="clip", bpe_path="",
       tag_list="", max_tags=4585, ovad_annotations="", class_names="", fixture=False,
       # Views are cut on the device from windows of the full-resolution image
-      # (views/windows.py): an image up to window_size px is padded whole (COCO's 640 px, most
-      # of Visual Genome's); a larger one gets a full-resolution window around the box and
-      # coarser levels of the same side (at least 1024).
+      # (views/windows.py): an image up to max(window_size, 1024) px is padded whole (COCO's,
+      # Visual Genome's); a larger one gets a full-resolution window of that side around the
+      # box and coarser levels.
       window_size=1024, caption_len=32, control_len=32, text_len=77,
       # Training control-word candidates: the tag sets and the caption's noun/adjective-led
       # phrases (SPEC §7c; data/control_words.py). False: the tag sets alone.

@@ -172,14 +172,12 @@ def parse_views(spec: str | Sequence[float] | None, num_views: int,
 
 
 def batch_layout(config, image_sizes: Iterable[Sequence[int]]):
-  """The windows' layout (views/windows.py) of a batch of images of these (h, w): one window of
-  config.data.window_size when all fit in it (the training data's layout), else the one large
-  layout (windows.large_layout), so that every large image shares one compiled shape."""
+  """The windows' layout (views/windows.py) of a batch of images of these (h, w):
+  windows.fixed_layout of the longest side, so that images of any size share three compiled
+  shapes (one window of config.data.window_size, the training data's; one of 1024; levels)."""
   from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
-  size = int(config.data.window_size)
-  if all(max(int(v) for v in hw) <= size for hw in image_sizes):
-    return windows.layout(size, size)
-  return windows.large_layout(size)
+  longest = max(max(int(v) for v in hw) for hw in image_sizes)
+  return windows.fixed_layout(longest, int(config.data.window_size))
 
 
 def view_boxes_in_image(box: np.ndarray, image_hw: tuple[int, int], ts: Sequence[float]
@@ -445,7 +443,7 @@ class Runner:
     def row_input(k, i, lay):
       image, levels = held[k]
       if lay not in levels:
-        levels[lay] = windows.pyramid(image, lay.side, lay.levels)
+        levels[lay] = windows.prepare(image, lay)
       return windows.region_input(levels[lay], shapes[k][1][i], lay)
 
     def run(rows):

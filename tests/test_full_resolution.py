@@ -6,7 +6,7 @@ References, on the full-resolution image (what the original processor does):
     float32 → crop → cv2.resize 224×224 → cv2.dct → top-left 8×8 > its mean; score
     popcount(h0 ^ h_k) / t_k, repeated argmax).
 Ours: the production path. Each region's batch row is built on the host by
-`windows.pyramid` + `windows.region_input` (as the input pipeline, predict and the demo do);
+`windows.prepare` + `windows.region_input` (as the input pipeline, predict and the demo do);
 then `select.select_ts` and `select.build_views`, the functions the model calls, in one jit.
 Bounds (issue 21): every view within mean |diff| 1/255 of PIL's; views cut from window 0 (full
 resolution) as tests/test_crop_resize.py bounds them (max 8/255, >= 99% of pixels exact); the
@@ -101,9 +101,9 @@ def test_views_and_selection_at_full_resolution(size, fn):
   image = _photo_like(h, w, seed=w)
   boxes = _boxes(np.random.default_rng(h), h, w)
   lay = windows.layout(max(h, w), WINDOW)
-  assert (lay.levels > 1) == (max(h, w) > WINDOW)
-  levels = windows.pyramid(image, lay.side, lay.levels)
-  rows = [windows.region_input(levels, b, lay) for b in boxes]
+  assert (lay.levels > 1) == (max(h, w) > max(WINDOW, windows.CONTEXT_SIDE))
+  prepared = windows.prepare(image, lay)
+  rows = [windows.region_input(prepared, b, lay) for b in boxes]
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   ts = np.tile(np.asarray([(0.0,) + boxes_lib.CANDIDATE_TS], np.float32), (3, 1))
   # Without hash pixels (the image fits in one window) the hashes read window 0.

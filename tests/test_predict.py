@@ -110,10 +110,13 @@ def test_library_validation():
   assert predict.view_boxes_in_image(np.array([10, 20, 50, 40.5]), (90, 120), [0, 0.5, 1]) == [
       [10, 20, 50, 40], [5, 10, 85, 65], [0, 0, 120, 90]]
   # Images are never shrunk: one window of data.window_size (64 here) when every image of the
-  # batch fits in it, else the one layout of full-resolution windows and levels.
+  # batch fits in it, one of the next power of two up to 1024 (hashed from hash pixels when
+  # wider than 256), else windows at five levels.
   from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
   assert predict.batch_layout(config, [(60, 64), (64, 10)]) == windows.Layout(64, 1, False)
-  assert predict.batch_layout(config, [(60, 64), (90, 120)]) == windows.Layout(
+  assert predict.batch_layout(config, [(60, 64), (90, 120)]) == windows.Layout(128, 1, False)
+  assert predict.batch_layout(config, [(600, 257)]) == windows.Layout(1024, 1, True)
+  assert predict.batch_layout(config, [(60, 64), (1025, 120)]) == windows.Layout(
       windows.CONTEXT_SIDE, windows.MAX_LEVELS, True)
 
 
@@ -193,6 +196,26 @@ def test_end_to_end_cli_and_library(files, trained, capsys):
                              rtol=1e-5)
   with pytest.raises(predict.PredictError, match="lies outside"):
     runner.predict(files["array"], [(0, 0, 500, 5)])
+
+
+def test_images_larger_than_every_window(files, trained, monkeypatch):
+  """An image larger than the windows (CONTEXT_SIDE shrunk to 64 px here, for speed) is cut into
+  windows at five levels with hash pixels; a region whose views all lie in the full-resolution
+  window, and its pHash views, come out as with the whole image in one window (both exact)."""
+  from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
+  runner = predict.Runner.load(CONFIG, trained, batch_size=2)
+  box, ts = (10, 10, 40, 35), [0.0, 0.1, 0.2]  # box(0.2) = (8, 8, 56, 46): inside 60 px
+  whole = [runner.predict(files["array"], [box], views=v)[0] for v in (ts, "auto")]
+  monkeypatch.setattr(windows, "CONTEXT_SIDE", 64)
+  assert predict.batch_layout(runner.config, [(90, 120)]) == windows.Layout(64, 5, True)
+  cut = [runner.predict(files["array"], [box, (0, 0, 120, 90)], views=v) for v in (ts, "auto")]
+  for alone, (got, wide) in zip(whole, cut):
+    assert got["views"] == alone["views"] and got["caption"] == alone["caption"]
+    np.testing.assert_allclose(got["caption_score"], alone["caption_score"], rtol=1e-4)
+    np.testing.assert_allclose([a["score"] for a in got["attributes"]],
+                               [a["score"] for a in alone["attributes"]], rtol=1e-4, atol=1e-6)
+    assert wide["view_boxes"][-1] == [0, 0, 120, 90] or wide["views"][-1] < 1
+    assert isinstance(wide["caption"], str)
 
 
 def _regions_argv(files, regions, checkpoint=None, out=None, extra=()):

@@ -30,10 +30,12 @@ TensorFlow is kept off the accelerators (it would otherwise grab GPU memory).
 from __future__ import annotations
 
 import atexit
+import collections
+import concurrent.futures
 import functools
 import threading
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -171,10 +173,51 @@ def _padded(rows: list, fill, dtype) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- per row
 
 
-def _region_input(lay: windows.Layout, data: bytes, box: np.ndarray):
-  """Host side of `_image_keys`: decode (data/images.py rules), levels, the region's windows."""
-  image = images_lib.decode(data)
-  row = windows.region_input(windows.pyramid(image, lay.side, lay.levels), box, lay)
+class _ImageCache:
+  """The prepared images (views/windows.prepare: levels, gray) read last, by image id, up to
+  `max_bytes` (the newest always kept). Evaluation reads an image's regions one after another,
+  and decoding a large image and its levels costs far more than cutting one region's windows
+  (about 1 s for 12 MP); parallel readers of one image wait for the first."""
+
+  def __init__(self, max_bytes: int = 1 << 30):
+    self.max_bytes = max_bytes
+    self._items: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key, make: Callable[[], windows.Prepared]) -> windows.Prepared:
+    with self._lock:
+      fut = self._items.get(key)
+      created = fut is None
+      if created:
+        fut = self._items[key] = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+      else:
+        self._items.move_to_end(key)
+    if not created:
+      return fut.result()
+    try:
+      value = make()
+    except BaseException as e:
+      with self._lock:
+        self._items.pop(key, None)
+      fut.set_exception(e)
+      raise
+    fut.set_result(value)
+    with self._lock:
+      sizes = [f.result().nbytes if f.done() and not f.exception() else 0
+               for f in self._items.values()]
+      while len(self._items) > 1 and sum(sizes) > self.max_bytes:
+        self._items.popitem(last=False)
+        sizes.pop(0)
+    return value
+
+
+def _region_input(lay: windows.Layout, cache: _ImageCache, key, data: bytes, box: np.ndarray):
+  """Host side of `_image_keys`: decode (data/images.py rules) and prepare the image (cached
+  by its id; key < 0: not cached), then the region's windows."""
+  make = lambda: windows.prepare(images_lib.decode(data), lay)
+  image = make() if key < 0 else cache.get(int(key), make)
+  row = windows.region_input(image, box, lay)
   return tuple(row[k] for k in _image_key_names(lay))
 
 
@@ -182,10 +225,12 @@ def _image_key_names(lay: windows.Layout) -> tuple[str, ...]:
   return ("image", "image_hw", "window") + (("hash_pixels",) if lay.hash else ())
 
 
-def _image_keys(data, box, lay: windows.Layout) -> dict:
+def _image_keys(data, box, lay: windows.Layout, image_id=None,
+                cache: _ImageCache | None = None) -> dict:
   """The image keys of one row (ARCHITECTURE.md batch format) from the image's encoded bytes:
   decoded and cut on the host by `windows.region_input` (PIL releases the GIL while decoding
-  and resizing, so the parallel map runs rows concurrently)."""
+  and resizing, so the parallel map runs rows concurrently). With `image_id` and a `cache`,
+  the decoded, prepared image is reused by the next rows of the same image."""
   tf = _tensorflow()
   names = _image_key_names(lay)
   types = {"image": tf.uint8, "image_hw": tf.int32, "window": tf.float32,
@@ -193,12 +238,13 @@ def _image_keys(data, box, lay: windows.Layout) -> dict:
   shapes = {"image": [lay.levels, lay.side, lay.side, 3], "image_hw": [2],
             "window": [lay.levels, windows.GEOMETRY],
             "hash_pixels": [windows.HASH_CROPS, windows.HASH_SIDE, windows.HASH_SIDE]}
-  out = tf.numpy_function(functools.partial(_region_input, lay), [data, box],
-                          [types[k] for k in names], stateful=False)
+  key = tf.constant(-1, tf.int64) if image_id is None else tf.cast(image_id, tf.int64)
+  fn = functools.partial(_region_input, lay, cache or _ImageCache(0))
+  out = tf.numpy_function(fn, [key, data, box], [types[k] for k in names], stateful=False)
   return {k: tf.ensure_shape(v, shapes[k]) for k, v in zip(names, out)}
 
 
-def _load_row(t: _Tables, ex, lay: windows.Layout):
+def _load_row(t: _Tables, ex, lay: windows.Layout, cache: _ImageCache | None = None):
   """One example dict (ARCHITECTURE.md batch format, unbatched) from one row of a host batch
   (`_HostReader.FIELDS`)."""
   tf = _tensorflow()
@@ -206,7 +252,7 @@ def _load_row(t: _Tables, ex, lay: windows.Layout):
   multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
   caption_ids, control = ex["caption_ids"], ex["control_ids"]
   return {
-      **_image_keys(ex["image"], ex["box"], lay),
+      **_image_keys(ex["image"], ex["box"], lay, ex["image_id"], cache),
       "box": ex["box"],
       "caption_ids": caption_ids,
       "caption_mask": tf.cast(caption_ids != 0, tf.int32),
@@ -298,6 +344,7 @@ def make_train_iterator(source: sources_lib.RegionSource, *, global_batch_size: 
   t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len)
   reader = _HostReader(source, tokenizer, t, text_tokenizer, seed, control_phrases)
   lay = layout_for(source, window_size, hash=False)
+  cache = _ImageCache()
 
   def host(step):
     """The rows (regions) this process reads in global step `step`, read on the host."""
@@ -308,7 +355,7 @@ def make_train_iterator(source: sources_lib.RegionSource, *, global_batch_size: 
     return reader.batch(rows, epoch, local)
 
   def example(ex):
-    out = _load_row(t, reader.drop_spare(ex), lay)
+    out = _load_row(t, reader.drop_spare(ex), lay, cache)
     out["mask"] = tf.constant(True)  # training batches are never padded
     if with_ids:
       for key in ("image_id", "region_id", "control_text"):
@@ -354,6 +401,7 @@ class EvalIterable:
     t, local, reader = self._t, self.local, self._reader
     start, count, n = self.start, self.end - self.start, self.source.num_examples
     pad_row = min(start, max(n - 1, 0))
+    cache = _ImageCache()
 
     def host(step):
       c = step * local + tf.range(local, dtype=tf.int64)
@@ -363,7 +411,7 @@ class EvalIterable:
       return ex
 
     def example(ex):
-      out = _load_row(t, reader.drop_spare(ex), self.layout)
+      out = _load_row(t, reader.drop_spare(ex), self.layout, cache)
       for key in ("mask", "image_id", "region_id", "references", "num_refs"):
         out[key] = ex[key]
       return out

@@ -303,8 +303,9 @@ class Engine:
     start = time.perf_counter()
     image = next(iter(self.examples.values()))["image"] if self.examples else np.zeros(
         (64, 64, 3), np.uint8)
-    side = int(self.runner.config.data.window_size) + 1
-    for img in (image, np.zeros((side, side, 3), np.uint8)):
+    from dynrefer_jax.views import windows  # pylint: disable=import-outside-toplevel
+    large = max(int(self.runner.config.data.window_size), windows.CONTEXT_SIDE) + 1
+    for img in (image, np.zeros((large, large, 3), np.uint8)):
       h, w = img.shape[:2]
       box = [[0, 0, max(1, w // 2), max(1, h // 2)]]
       with self._model_lock:

@@ -28,14 +28,15 @@ and on uniform noise, against the issue's bound of one level.
 
 The pHash (SPEC §8) is exact at every size: OpenCV's bilinear resize to 224 reads only two rows
 and two columns per output pixel, so a crop's hash depends on at most 448 × 448 of its pixels.
-Batches whose images do not all fit in one window carry those pixels (`hash_pixels`: gray
-levels, `hash_samples`) for the t = 0 box and the ten candidates; otherwise the hash reads the
-level-0 window, as before.
+Batches whose images do not all fit in one window, or whose window is wider than
+HASH_WINDOW_MAX, carry those pixels (`hash_pixels`: gray levels, `hash_samples`) for the t = 0
+box and the ten candidates; otherwise the hash reads window 0, the whole image (the per-crop
+loop of `phash` compiles a branch per crop size class, too many for wide windows).
 
 Per region, host → device bytes and device memory are L·S²·3 (+ 11·448² with `hash_pixels`),
-whatever the image size: L = 1 for an image that fits in S, and at most MAX_LEVELS = 5, which
-covers images up to 16 (S − MARGIN) px on the longer side at the full factor-2 spacing (larger
-ones get a last level shrunk to fit).
+whatever the image size: L = 1 for an image that fits in one window (S up to
+max(window_size, CONTEXT_SIDE)), and at most MAX_LEVELS = 5, which covers images up to 16 S px
+on the longer side at the full factor-2 spacing (larger ones get a last level shrunk to fit).
 
 Batch keys (docs/ARCHITECTURE.md): `image` uint8[B, L, S, S, 3], `window` float32[B, L, 6] =
 (x0, y0, sx, sy, w, h): the window's first pixel in its level's pixels, the full-resolution
@@ -61,6 +62,7 @@ MARGIN = 4           # level pixels of slack around the widest view a window is 
 HASH_CROPS = 1 + len(boxes_lib.CANDIDATE_TS)  # t = 0 and the candidates (select.candidate_boxes)
 HASH_SIDE = 448      # 2 × OpenCV's 224-px resize: the most rows or columns a hash crop reads
 GEOMETRY = 6         # (x0, y0, sx, sy, w, h)
+HASH_WINDOW_MAX = 256  # wider single windows hash from hash_pixels too (see above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,21 +89,48 @@ def level_sizes(hw: Sequence[int], side: int, levels: int) -> list[tuple[int, in
 
 
 def layout(max_side: int, window_size: int) -> Layout:
-  """The layout for images up to `max_side` px: one window when they fit in `window_size` (of
-  max_side rounded up to 32, so a dataset of smaller images pays no more); else windows of
-  max(window_size, CONTEXT_SIDE) and as many levels as the largest image needs."""
-  if max_side <= window_size:
-    return Layout(int(min(window_size, -(-max_side // 32) * 32)), 1, False)
+  """The layout for images up to `max_side` px. They fit in one window when max_side <=
+  max(window_size, CONTEXT_SIDE): a window of max_side rounded up to 32 (a dataset of small
+  images pays no more), the whole image, exact, no hash pixels. Otherwise windows of that side,
+  as many levels as the largest image needs, and hash pixels."""
   side = max(int(window_size), CONTEXT_SIDE)
+  if max_side <= side:
+    fit = min(side, -(-int(max_side) // 32) * 32)
+    return Layout(fit, 1, fit > HASH_WINDOW_MAX)
   return Layout(side, len(level_sizes((max_side, max_side), side, MAX_LEVELS)), True)
 
 
-def large_layout(window_size: int) -> Layout:
-  """The one layout for any image larger than `window_size` (predict, the demo: one compile)."""
-  return Layout(max(int(window_size), CONTEXT_SIDE), MAX_LEVELS, True)
+def fixed_layout(max_side: int, window_size: int) -> Layout:
+  """`layout` in a few fixed shapes, one compile each (predict, the demo): images up to
+  window_size in one window_size window (the training data's shape), up to CONTEXT_SIDE in one
+  window of the next power of two, any larger one in MAX_LEVELS windows with hash pixels."""
+  side = max(int(window_size), CONTEXT_SIDE)
+  if max_side <= window_size:
+    return Layout(int(window_size), 1, int(window_size) > HASH_WINDOW_MAX)
+  if max_side <= side:
+    fit = min(side, 1 << (int(max_side) - 1).bit_length())
+    return Layout(fit, 1, fit > HASH_WINDOW_MAX)
+  return Layout(side, MAX_LEVELS, True)
 
 
 # ------------------------------------------------------------------------------------ host
+
+@dataclasses.dataclass
+class Prepared:
+  """An image ready to give windows: its `pyramid` levels, and its OpenCV gray (for the hash
+  pixels, when the layout has them), computed once per image and shared by its regions."""
+  levels: list
+  gray: np.ndarray | None = None
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in self.levels) + (0 if self.gray is None else self.gray.nbytes)
+
+
+def prepare(image: np.ndarray, lay: Layout) -> Prepared:
+  """uint8[H, W, 3] → its levels for `lay` (and gray when lay.hash)."""
+  return Prepared(pyramid(image, lay.side, lay.levels), gray_opencv(image) if lay.hash else None)
+
 
 def pyramid(image: np.ndarray, side: int, levels: int) -> list[np.ndarray]:
   """The level images of uint8[H, W, 3] (`level_sizes`), each from the one before with PIL's
@@ -184,28 +213,31 @@ def gray_opencv(rgb: np.ndarray) -> np.ndarray:
           ).astype(np.uint8)
 
 
-def hash_samples(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
-  """uint8[11, 448, 448]: the gray pixels each hash crop (t = 0 and the ten candidates) reads."""
-  h, w = image.shape[:2]
+def hash_samples(gray: np.ndarray, box: Sequence[float]) -> np.ndarray:
+  """uint8[11, 448, 448]: the pixels of gray uint8[H, W] (`gray_opencv` of the image) that each
+  hash crop (t = 0 and the ten candidates) reads."""
+  h, w = gray.shape[:2]
   ts = np.asarray([(0.0,) + boxes_lib.CANDIDATE_TS], np.float32)
   crops = boxes_lib.view_boxes(np.asarray([box], np.float32), np.asarray([[h, w]]), ts,
                                xp=np)[0]
   out = np.empty((HASH_CROPS, HASH_SIDE, HASH_SIDE), np.uint8)
   for k, (x1, y1, x2, y2) in enumerate(crops.tolist()):
     rows, cols = _sample_index(y1, max(y2, y1 + 1)), _sample_index(x1, max(x2, x1 + 1))
-    picked = np.take(np.take(image, np.minimum(rows, h - 1), axis=0), np.minimum(cols, w - 1),
+    out[k] = np.take(np.take(gray, np.minimum(rows, h - 1), axis=0), np.minimum(cols, w - 1),
                      axis=1)  # two takes: ~3x faster than one np.ix_ gather
-    out[k] = gray_opencv(picked)
   return out
 
 
-def region_input(levels: Sequence[np.ndarray], box: Sequence[float], lay: Layout) -> dict:
-  """One batch row's image keys: image, image_hw, window (and hash_pixels when lay.hash)."""
-  image, geometry = region_windows(levels, box, lay)
-  out = {"image": image, "image_hw": np.asarray(levels[0].shape[:2], np.int32),
+def region_input(image: Prepared, box: Sequence[float], lay: Layout) -> dict:
+  """One batch row's image keys: image, image_hw, window (and hash_pixels when lay.hash), from
+  the image `prepare`d for `lay` (or for a layout with the same side and hash, at least as many
+  levels)."""
+  windows_, geometry = region_windows(image.levels, box, lay)
+  out = {"image": windows_, "image_hw": np.asarray(image.levels[0].shape[:2], np.int32),
          "window": geometry}
   if lay.hash:
-    out["hash_pixels"] = hash_samples(levels[0], box)
+    gray = image.gray if image.gray is not None else gray_opencv(image.levels[0])
+    out["hash_pixels"] = hash_samples(gray, box)
   return out
 
 
