@@ -132,3 +132,63 @@ def test_views_and_selection_at_full_resolution(size, fn):
   agree = np.mean(np.all(np.abs(selected - want) < 1e-6, axis=-1))
   assert agree >= 0.99, (size, agree)
 
+
+
+def _small_windows(monkeypatch, n=8):
+  """Regions of a 400×300 photo-like image, cut into 96-px windows (CONTEXT_SIDE shrunk: four
+  levels at a test's scale), with every candidate view."""
+  monkeypatch.setattr(windows, "CONTEXT_SIDE", 96)
+  image = _photo_like(300, 400, seed=5)
+  lay = windows.layout(400, 64)
+  assert lay == windows.Layout(96, 4, True)
+  boxes = _boxes(np.random.default_rng(5), 300, 400)[:n]
+  prepared = windows.prepare(image, lay)
+  rows = [windows.region_input(prepared, b, lay) for b in boxes]
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  batch["box"] = boxes
+  return batch
+
+
+def test_batched_forms_cut_windows_as_the_loop(monkeypatch):
+  """The accelerator forms (blocked, banded, dense: a gathered window per view) and the CPU
+  loop give the same 8-bit levels from windows at several levels, up to float32 summation
+  order; the loop's are PIL's within the bounds above (test_views_and_selection...)."""
+  from dynrefer_jax.views import crop_resize  # pylint: disable=import-outside-toplevel
+  b = _small_windows(monkeypatch)
+  ts = np.tile(np.asarray([(0.0,) + boxes_lib.CANDIDATE_TS], np.float32), (len(b["box"]), 1))
+  crops = boxes_lib.view_boxes(b["box"], b["image_hw"], ts, xp=np)
+  levels, local = windows.locate(b["window"], crops)
+  assert len(set(np.asarray(levels).ravel().tolist())) == 4  # every window is used
+  out = {m: np.asarray(jax.jit(lambda i, v, l: crop_resize.resize_levels(  # pylint: disable=cell-var-from-loop
+      i, v, 40, method=m, levels=l))(b["image"], local, levels))
+         for m in ("loop", "blocked", "banded", "dense")}
+  for m in ("blocked", "banded", "dense"):
+    diff = np.abs(out[m] - out["loop"])
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, (m, diff.max(), (diff == 0).mean())
+
+
+def test_windows_sharded_over_batch_match_one_device(monkeypatch, devices8):
+  """Regions with windows and hash pixels, sharded over the batch axis of an 8-device mesh
+  ("auto" then takes the batched forms), select and cut what one device does: the same views
+  and boxes, the same 8-bit levels up to float32 rounding of the coarser levels' fractional
+  filter centres (XLA may fuse a multiply-add differently per program)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  b = _small_windows(monkeypatch)
+
+  def fn(image, window, hash_pixels, hw, box, method="auto"):
+    ts = select.select_ts("phash", image, hw, box, 3, window=window, hash_pixels=hash_pixels)
+    return (ts,) + select.build_views(image, hw, box, ts, 32, method=method, window=window)
+
+  args = [b[k] for k in ("image", "window", "hash_pixels", "image_hw", "box")]
+  single = jax.jit(lambda *a: fn(*a, method="blocked"))(*args)
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=devices8)
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(fn)(*[jax.device_put(a, NamedSharding(mesh, P("batch"))) for a in args])
+  assert sharded[1].sharding.spec[0] == "batch"
+  np.testing.assert_array_equal(np.asarray(sharded[0]), np.asarray(single[0]))  # ts
+  np.testing.assert_array_equal(np.asarray(sharded[2]), np.asarray(single[2]))  # boxes in views
+  to_levels = lambda x: np.round((np.asarray(x) * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN))
+                                 * 255)
+  diff = np.abs(to_levels(sharded[1]) - to_levels(single[1]))
+  assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, (diff.max(), (diff == 0).mean())
