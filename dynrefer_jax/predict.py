@@ -689,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
   except PredictError as e:  # an image that changed on disk after it was checked
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except MemoryError:
+    print(f"error: out of host memory predicting {jobs[len(docs)][0]}", file=sys.stderr)
+    return 1
   if args.regions:
     _atomic_write_bytes(os.path.join(args.out, "predictions.jsonl"),
                         "".join(json.dumps(d) + "\n" for d in docs).encode())
