@@ -9,7 +9,8 @@ decode, the image shrunk to 640 px with bilinear antialiasing when larger, zero-
 copied below as the baseline). "after": today's `pipeline._image_keys` (PIL decode by
 data/images.py's rules, `views.windows.region_input` in a numpy_function) with the layout the
 pipeline picks for these images (`pipeline.layout_for`; --eval adds the hash pixels evaluation
-batches carry when images exceed the window). Both run as tf.data maps with AUTOTUNE
+batches carry when images exceed the window). Both start from the encoded bytes, as the
+pipeline reads them from its ArrayRecord source. Both run as tf.data maps with AUTOTUNE
 parallelism, batched by 32, over the same (image, box) rows; each is warmed up once, then timed
 over every row, best of --repeats. --order random (training: rows of random images; "after"
 keeps only the last image's levels, as a training run over many images would mostly find) or
@@ -53,11 +54,12 @@ def _photo(h: int, w: int, seed: int) -> np.ndarray:
   return img
 
 
-def before_image_keys(path, box, s: int = 640):
-  """The pipeline's image handling before issue 21 (from `_load_row` at commit 6137e66)."""
+def before_image_keys(data, box, image_id, s: int = 640):
+  """The pipeline's image handling before issue 21 (from `_load_row` at commit 6137e66, which
+  read the file itself: tf.io.read_file(path))."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False,
-                             dtype=tf.uint8)
+  del image_id
+  image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
   hw = tf.shape(image)[:2]
   scale = tf.minimum(1.0, s / tf.cast(tf.reduce_max(hw), tf.float32))
   new_hw = tf.maximum(1, tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32))
@@ -83,17 +85,19 @@ def main() -> None:
   p.add_argument("--order", choices=("random", "by-image"), default="random")
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args()
+  import types  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from dynrefer_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   tf = pipeline._tensorflow()  # pylint: disable=protected-access
   w, h = (int(v) for v in args.size.lower().split("x"))
   rng = np.random.default_rng(0)
   tmp = tempfile.mkdtemp(prefix="bench_input_")
-  paths = []
+  encoded = []
   for i in range(args.images):
     path = os.path.join(tmp, f"{i}.jpg")
     Image.fromarray(_photo(h, w, i)).save(path, quality=90)
-    paths.append(path)
+    with open(path, "rb") as f:
+      encoded.append(f.read())
   rows = rng.integers(0, args.images, args.regions)
   if args.order == "by-image":
     rows = np.sort(rows)
@@ -101,14 +105,13 @@ def main() -> None:
   bh = np.exp(rng.uniform(np.log(8), np.log(h), args.regions))
   x1, y1 = rng.uniform(0, 1, args.regions) * (w - bw), rng.uniform(0, 1, args.regions) * (h - bh)
   boxes = np.stack([x1, y1, x1 + bw, y1 + bh], -1).astype(np.float32)
-  row_paths = np.asarray([paths[r] for r in rows])
-
-  class _Sizes(sources.Source):  # only what layout_for reads
-    max_image_side = max(w, h)
-  lay = pipeline.layout_for(_Sizes(), args.window_size, hash=args.eval)
+  row_bytes = np.asarray([encoded[r] for r in rows], object)
+  # layout_for reads only the source's largest image side.
+  lay = pipeline.layout_for(types.SimpleNamespace(max_image_side=max(w, h)), args.window_size,
+                            hash=args.eval)
 
   def dataset(fn):
-    ds = tf.data.Dataset.from_tensor_slices((row_paths, boxes))
+    ds = tf.data.Dataset.from_tensor_slices((row_bytes, boxes, rows.astype(np.int64)))
     ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(32).prefetch(2)
 
@@ -118,9 +121,9 @@ def main() -> None:
       nbytes += sum(v.nbytes for v in batch.values())
     return nbytes
 
-  def after(path, box):
-    cache = pipeline._LevelsCache(0 if args.order == "random" else 1 << 30)  # pylint: disable=protected-access
-    return {**pipeline._image_keys(path, box, lay, cache), "box": box}  # pylint: disable=protected-access
+  def after(data, box, image_id):
+    cache = pipeline._ImageCache(0 if args.order == "random" else 1 << 30)  # pylint: disable=protected-access
+    return {**pipeline._image_keys(data, box, lay, image_id, cache), "box": box}  # pylint: disable=protected-access
 
   ways = {"before": before_image_keys, "after": after}
   result = {}
