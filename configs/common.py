@@ -125,7 +125,7 @@ def base() -> ml_collections.ConfigDict:
 
 
 def real_data(train: str = "", splits: dict | None = None) -> ml_collections.ConfigDict:
-  """config.data for datasets prepared by tools/prepare_data.py (data/setup.REAL_DATA_FIELDS).
+  """config.data for the TFDS datasets tools/prepare_data.py builds (data/setup.REAL_DATA_FIELDS).
 
   Paths left empty are set on the command line: --config.data.dir (required), and the
   tokenizer / vocabulary files unless config.model_init is a converted checkpoint (its

@@ -2,9 +2,11 @@ r"""DynRefer fine-tuned on RefCOCOg (MDETR train split) for 3 epochs from the VG
 per-epoch cosine, tag threshold 0.76 (SPEC §9); evaluated on RefCOCOg region captioning
 (GLaMM / Kosmos-2 val protocol, SPEC §14: METEOR 18.1, CIDEr 115.3).
 
-Data (tools/prepare_data.py): DATA/refcocog/train.json (finetune_refcocog_train.json,
---dataset refcocog --tag_list ram_tag_list.txt), DATA/refcocog/val.json
-(finetune_refcocog_val_captions.json, --dataset captions).
+Data: the TFDS dataset refcocog (train: MDETR's finetune_refcocog_train.json, val: GLaMM's
+finetune_refcocog_val_captions.json, COCO train2014/; ram_tag_list.txt in the manual dir),
+built into the TFDS data dir DATA (README "Data"):
+
+  python tools/prepare_data.py --dataset refcocog --manual_dir RAW --data_dir DATA
 
   # the VG model, converted: tools/convert_checkpoint.py --config configs/dynrefer_refcocog.py \
   #     --dynrefer vg1.2_5e.pth ... --out ckpts/vg1.2_jax

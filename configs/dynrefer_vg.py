@@ -1,10 +1,11 @@
 r"""DynRefer's main model: VG V1.2 dense-caption split, 5 epochs, the original recipe (SPEC §9);
 evaluated on VG dense captioning, VG region captioning, OVAD attributes and COCO recognition.
 
-Data (tools/prepare_data.py, one --out folder per dataset under DATA; its docstring gives each
-command): DATA/vg/{train,test}.json (VG V1.2 + densecap_splits.json, train with --tag_list),
-DATA/vg_reg/test.json (GLaMM's test_caption.json, --dataset captions),
-DATA/ovad/test.json (ovad2000.json), DATA/coco/val.json (instances_val2017.json).
+Data: the TFDS datasets vg (VG V1.2 + densecap_splits.json; ram_tag_list.txt in the manual dir
+for the training tag sets), vg_reg (GLaMM's test_caption.json), ovad (ovad2000.json) and coco
+(instances_val2017.json), built into the TFDS data dir DATA (README "Data"):
+
+  python tools/prepare_data.py --dataset vg vg_reg ovad coco --manual_dir RAW --data_dir DATA
 
   # weights: tools/convert_checkpoint.py --config configs/dynrefer_vg.py ... --out ckpts/vg1.2_jax
   python -m dynrefer_jax.evaluate --config configs/dynrefer_vg.py --checkpoint ckpts/vg1.2_jax \
