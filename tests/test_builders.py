@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dynrefer_jax.data import builders, sources, tags
 from dynrefer_jax.data.builders import coco, common, ovad, refcocog, vg
@@ -65,7 +65,8 @@ def write_coco_fixture(root):
   exif = Image.Exif()
   exif[0x0112] = 6  # rotate 90 degrees clockwise for display
   _rgb(60, 40).save(os.path.join(img, "000000000013.jpg"), exif=exif)
-  _rgb(300, 200).save(os.path.join(img, "000000000014.jpg"))
+  # Larger than the 1024 px prepare_data used to shrink images to (and than a 1024 window).
+  _rgb(1280, 1040).save(os.path.join(img, "000000000014.jpg"))
   _rgb(64, 64).save(os.path.join(img, "full.jpg"))
   with open(os.path.join(img, "full.jpg"), "rb") as f:
     data = f.read()
@@ -176,7 +177,12 @@ def test_coco_image_matrix(tmp_path):
   for i in (10, 11, 12, 13, 14):
     assert decoded[i].mode == "RGB" and decoded[i].size == (files[i].width, files[i].height)
   assert (files[13].width, files[13].height) == (40, 60)  # EXIF-rotated
-  assert (files[14].width, files[14].height) == (300, 200)
+  assert (files[14].width, files[14].height) == (1280, 1040)
+  with open(os.path.join(root, "val2017", "000000000014.jpg"), "rb") as f:
+    assert files[14].encoded == f.read()  # not re-encoded, not resized
+  # A repaired image is re-encoded losslessly: its pixels are PIL's repair of the file's.
+  with Image.open(os.path.join(root, "val2017", "000000000013.jpg")) as f:
+    np.testing.assert_array_equal(np.asarray(decoded[13]), np.asarray(ImageOps.exif_transpose(f)))
   rgba = np.asarray(decoded[10])
   assert rgba[0, 0].tolist() == [0, 0, 0] and rgba[0, 20].tolist() == [200, 0, 0]
   assert np.asarray(decoded[12]).min() == 255  # 16-bit white -> 255

@@ -218,6 +218,34 @@ def test_images_larger_than_every_window(files, trained, monkeypatch):
     assert isinstance(wide["caption"], str)
 
 
+@pytest.mark.slow
+def test_12000_px_image_with_a_50_px_box(files, trained, tmp_path):
+  """Issue 21's case, as a user runs it: `predict --image` on a 12000 x 12000 PNG with a 50 x 50
+  box exits 0 with a caption, the box's t = 0 view at full resolution, under 8 GiB of peak host
+  memory (the process's own, from wait4; BENCHMARKS.md has the main job's checkpoint's figure)."""
+  side, (x, y) = 12000, (6007, 5003)
+  big = Image.new("RGB", (side, side), (96, 120, 150))
+  big.paste(Image.fromarray(files["array"]), (x - 30, y - 20))  # 120 x 90 px of detail
+  path = str(tmp_path / "big.png")
+  big.save(path, compress_level=1)
+  del big
+  box = [x, y, x + 50, y + 50]
+  out = str(tmp_path / "out")
+  argv = [sys.executable, "-m", "dynrefer_jax.predict"] + _argv(
+      files, image=path, box=[",".join(map(str, box))], checkpoint=trained, out=out)
+  with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+    proc = subprocess.Popen(argv, stdout=so, stderr=se, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  assert proc.returncode == 0, (tmp_path / "stderr").read_text()[-2000:]
+  doc = json.loads(open(os.path.join(out, "big.json"), encoding="utf-8").read())
+  assert doc["image_size"] == [side, side]
+  (region,) = doc["regions"]
+  assert region["box"] == box and region["view_boxes"][0] == box
+  assert isinstance(region["caption"], str) and region["caption"]
+  assert usage.ru_maxrss * 1024 < 8 * 2**30, usage.ru_maxrss  # KiB on Linux
+
+
 def _regions_argv(files, regions, checkpoint=None, out=None, extra=()):
   return ["--config", CONFIG, "--checkpoint", checkpoint or files["ckpt"], "--regions", regions,
           "--out", out or str(files["tmp"] / "out"), *extra]

@@ -76,7 +76,7 @@ def test_bad_records_are_reported_not_fatal(tmp_path, capsys):
   assert report["repaired"] == {"image_mode_RGBA": 1, "image_mode_CMYK": 1,
                                 "image_mode_I;16": 1, "image_exif_rotated": 1}
   assert len(report["examples"]["image_corrupt"]) == 2
-  assert builder.info.metadata["splits"]["val"]["max_image_side"] == 300  # stored unshrunk
+  assert builder.info.metadata["splits"]["val"]["max_image_side"] == 1280  # stored unshrunk (> the old 1024)
   src = sources.RegionSource(builder, "val")
   r = src.read(np.arange(src.num_examples))
   assert r.caption == ["person", "car", "toothbrush", "person", "person"]
