@@ -6,6 +6,8 @@ from dynrefer_jax import sharding
 
 # SPEC §9: a parameter is trainable iff its path contains one of these.
 ORIGINAL_TRAINABLE = ("cvem", "cem", "tag", "attr", "Qformer", "t5_proj")
+# dynrefer_vicuna.py's rule: llm_proj in place of t5_proj (the LLM stays frozen).
+ORIGINAL_TRAINABLE_LLM = ("cvem", "cem", "tag", "attr", "Qformer", "llm_proj")
 
 AUTO = -1  # resolved at run time (e.g. vocabulary sizes from the tokenizer)
 

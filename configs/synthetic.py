@@ -10,14 +10,36 @@ Arguments: "" (the default main job, one seed), "smoke" (seconds; the test suite
 reports mean ± std and the paper's claims), "ablation:<variant>" with variant in t0, t1,
 random2, phash3 (one of them; SPEC §14's ablation, same budget each) or phash3_task (phash3
 evaluated with the task priors).
+"llama" (also "llama:smoke"): the same world with a small
+decoder-only LLM (models/llama.py: RMSNorm, RoPE, SwiGLU, grouped-query attention) in place of
+T5, trained from scratch like it; "lm_compare": the main job trains and evaluates T5 and the
+decoder-only LLM (its variants "lm:t5" and "lm:llama": the default and the llama config, test
+split) with config.compare.seeds seeds and reports mean ± std.
 Every part of DynRefer is present and, since nothing here is pretrained, trainable.
 """
 
 from configs import common
 
+LM_LABELS = {"t5": "T5 encoder-decoder (DynRefer's FlanT5 design)",
+             "llama": "decoder-only LLM (Llama: RMSNorm, RoPE, SwiGLU, GQA; the Vicuna "
+                      "variant's prefix)"}
+
+
+def llama_lm(vocab_size: int = common.AUTO) -> dict:
+  """The toy decoder-only LM: as wide as the toy T5 (32) and about as many parameters (3 layers
+  of 4 query heads sharing 2 key/value heads), initialised with std width**-0.5 as the other
+  toy stacks trained from scratch (HF's 0.02 suits width 4096)."""
+  return dict(kind="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+              num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6,
+              rope_theta=10000.0, rope_scaling={}, attention_bias=False, o_bias=False,
+              tie_word_embeddings=False, init_std=32 ** -0.5, residual_init_scale=1.0)
+
 
 def get_config(arg=None):
   arg = arg or ""
+  llama = arg in ("llama", "llama:smoke")
+  if llama:
+    arg = arg[len("llama:"):] if arg.startswith("llama:") else ""
   c = common.base()
   c.seed = 0
   c.trainable = [".*"]           # nothing is pretrained in the synthetic world
@@ -63,6 +85,8 @@ def get_config(arg=None):
                 # several regions per synthetic image: score each region on its own
                 evaluators=dict(region_caption=dict(key="region_id")))
 
+  if llama:
+    c.model.lm = llama_lm()
   if arg == "smoke":
     _smoke(c)
   elif arg in ("smoke:image", "smoke:task"):  # smoke_compare's variants: the test split only
@@ -110,6 +134,20 @@ def get_config(arg=None):
             # image prior. Two-sided: which is better, where.
             dict(claim="the image prior vs the task priors", a=["phash3"], b=["phash3_task"],
                  metrics=[caption, attrs, category], splits=["test", "heldout"], sides=2)])
+  elif arg == "lm_compare":
+    # T5 against the decoder-only LLM, each with every seed, the same budget and world.
+    metrics = ["region_caption/CIDEr", "region_caption/METEOR", "attributes/ap/all",
+               "recognition/accuracy", "dense_caption/mAP"]
+    c.compare = dict(
+        title="Language model: T5 vs a decoder-only LLM", seeds=3, metrics=metrics,
+        variants=[dict(name=v, arg=f"lm:{v}", label=LM_LABELS[v]) for v in LM_LABELS],
+        claims=[dict(claim="the decoder-only LLM vs T5", a=["llama"], b=["t5"],
+                     metrics=metrics, splits=["test"], sides=2)])
+  elif arg in ("lm:t5", "lm:llama"):
+    c.ablation = arg.partition(":")[2]
+    if c.ablation == "llama":
+      c.model.lm = llama_lm()
+    c.eval.splits = ["test"]
   elif arg.startswith("ablation:"):
     variant = arg.partition(":")[2]
     if variant not in ABLATION_LABELS:
@@ -123,7 +161,8 @@ def get_config(arg=None):
     c.eval.splits = ["test", "heldout"]
   elif arg:
     raise ValueError(f"unknown argument {arg!r}: '', 'smoke', 'smoke:image', 'smoke:task', "
-                     f"'smoke_compare', 'ablation' or 'ablation:<variant>'")
+                     f"'smoke_compare', 'ablation', 'ablation:<variant>', 'lm_compare', "
+                     f"'lm:t5', 'lm:llama', 'llama' or 'llama:smoke'")
   return c
 
 

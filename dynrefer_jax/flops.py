@@ -8,6 +8,11 @@ figures of the trainer and the benchmarks use it so that they compare with the a
 
 The anchor's fixed sequence lengths are kept: 8 control tokens after the queries (40 encoder
 tokens at full size), 20 target tokens, 64 texts per region–text batch, 77 text-tower tokens.
+
+A decoder-only LLM (config.model.lm.kind "llama") is counted the same way, as part "llm": its
+layers over the whole sequence (queries + control + targets), the LM head on the targets only
+(as models/llama.py runs it), forward + input-gradient backward. Like the T5 term, attention
+scores (QKᵀ, PV) are left out: at these lengths they are under 2% of a layer's matmuls.
 """
 
 from __future__ import annotations
@@ -22,13 +27,12 @@ def flops_per_region(m, num_tags: int, *, n_control: int = 8, n_target: int = 20
   depth = m.vit.depth
   vit = views * 2 * (tok * depth * (4 * c * c + 2 * c * m.vit.mlp_dim) + depth * 2 * tok * tok * c)
 
-  lm = m.lm
-  d, inner, ff = lm.d_model, lm.num_heads * lm.d_kv, lm.d_ff
   n_ctx = m.num_query_tokens + n_control
-  enc = 2 * n_ctx * lm.num_encoder_layers * (4 * d * inner + 3 * d * ff)
-  dec = (2 * n_target * lm.num_decoder_layers * (8 * d * inner + 3 * d * ff)
-         + 2 * n_target * d * lm.vocab_size)
-  t5 = 2 * (enc + dec)
+  if m.lm.get("kind", "t5") == "llama":
+    lm_part = {"llm": 2 * ((n_ctx + n_target) * llm_per_token(m.lm)
+                           + n_target * 2 * m.lm.hidden_size * m.lm.vocab_size)}
+  else:
+    lm_part = {"t5": 2 * (t5_encoder(m.lm, n_ctx) + n_target * t5_decoder_per_token(m.lm))}
 
   q = m.qformer
   dq, nq = q.hidden, m.num_query_tokens
@@ -43,8 +47,29 @@ def flops_per_region(m, num_tags: int, *, n_control: int = 8, n_target: int = 20
                                                                   + 2 * h.hidden * h.mlp_dim)
   t = m.text
   text = 2 * t.context_length * t.depth * (4 * t.width * t.width + 2 * t.width * t.mlp_dim)
-  parts = dict(vit=vit, t5=t5, qformer=qformer, fusion=fusion, align=align, heads=heads,
+  parts = dict(vit=vit, **lm_part, qformer=qformer, fusion=fusion, align=align, heads=heads,
                text=text)
   parts = {k: float(v) for k, v in parts.items()}
   parts["total"] = sum(parts.values())
   return parts
+
+
+def t5_encoder(lm, n_tokens: int) -> float:
+  """Forward FLOPs of T5's encoder over n_tokens (q, k, v, o and the gated FFN)."""
+  d, inner, ff = lm.d_model, lm.num_heads * lm.d_kv, lm.d_ff
+  return 2 * n_tokens * lm.num_encoder_layers * (4 * d * inner + 3 * d * ff)
+
+
+def t5_decoder_per_token(lm) -> float:
+  """Forward FLOPs of one T5 decoder token: self + cross attention, FFN, the LM head."""
+  d, inner, ff = lm.d_model, lm.num_heads * lm.d_kv, lm.d_ff
+  return 2 * lm.num_decoder_layers * (8 * d * inner + 3 * d * ff) + 2 * d * lm.vocab_size
+
+
+def llm_per_token(lm) -> float:
+  """Forward FLOPs of one token through a decoder-only LLM's layers (q and o over all heads,
+  k and v over the key/value heads, SwiGLU's gate, up and down), without the LM head."""
+  d = lm.hidden_size
+  head_dim = lm.get("head_dim") or d // lm.num_heads
+  inner, kv = lm.num_heads * head_dim, (lm.get("num_kv_heads") or lm.num_heads) * head_dim
+  return 2 * lm.num_layers * (2 * d * inner + 2 * d * kv + 3 * d * lm.intermediate_size)

@@ -67,8 +67,8 @@ class Predictor:
     num_views = m.num_views
     t2a = np.asarray(data.template_to_attribute)
     tok = data.tokenizer
-    special = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                   decoder_start_token_id=tok.pad_token_id)
+    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id  # Llama 3: no pad
+    special = dict(eos_token_id=tok.eos_token_id, pad_token_id=pad, decoder_start_token_id=pad)
 
     def select(batch):
       if method == "fixed":
@@ -128,8 +128,9 @@ class Predictor:
     heads = self._heads(params, {k: batch[k] for k in keys})
     tag_scores = np.asarray(heads["tag_scores"])
     controls = self.control_strings(tag_scores)
-    control_ids, control_mask = captions_lib.tokenize(self.data.tokenizer, controls,
-                                                      self.config.data.control_len)
+    control_ids, control_mask = captions_lib.encode_controls(
+        self.data.tokenizer, controls, self.config.data.control_len,
+        self.config.model.lm.get("kind", "t5"))
     ids, scores = self._caption(params, heads["z"], jnp.asarray(control_ids),
                                 jnp.asarray(control_mask))
     captions = self.data.tokenizer.batch_decode(np.asarray(ids), skip_special_tokens=True)

@@ -45,10 +45,15 @@ def test_split_argv():
 
 
 # dynrefer_refcocog's smoke run is dynrefer_vg's toy model and trainer on another fixture split
-# (its data path is covered by test_builders / test_data_setup): it runs with -m slow, to keep
+# (its data path is covered by test_builders / test_data_setup), and the decoder-LLM configs'
+# (dynrefer_vicuna_vg, dynrefer_llm_vg) are synthetic.py:llama's toy LLM on dynrefer_vg's
+# fixture (tests/test_llm_cli.py trains and evaluates that one): they run with -m slow, to keep
 # the default suite inside its 15 minutes on 2 cores.
+SLOW_SMOKE = ("dynrefer_refcocog.py", "dynrefer_vicuna_vg.py", "dynrefer_llm_vg.py")
+
+
 @pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.slow) if p.endswith("dynrefer_refcocog.py") else p
+    pytest.param(p, marks=pytest.mark.slow) if p.endswith(SLOW_SMOKE) else p
     for p in sorted(glob.glob(os.path.join(ROOT, "configs", "[!_]*.py")))])
 def test_every_config_runs_two_steps_in_smoke_mode(path, tmp_path, request):
   if os.path.basename(path) == "common.py":  # building blocks, not a runnable config

@@ -4,9 +4,12 @@ r"""Speed of DynRefer on one accelerator: the jitted train step, caption generat
   python tools/benchmark.py --weights ckpts/vg1.2_jax --vit-fp8           # converted weights, + fp8
   HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu python tools/benchmark.py \
       --config configs/synthetic.py:smoke --regions 8 --steps 2          # toy size, on a CPU
+  python tools/benchmark.py --config configs/dynrefer_vicuna_vg.py      # Vicuna-7B in place of T5
 
 Builds the model from a config (default: `configs/common.py` `full_model()` in `base()`, i.e.
-EVA ViT-g/14 on 3 views, RoI-Align, aligner, fusion, Q-Former, both heads, text tower, FlanT5-XL)
+EVA ViT-g/14 on 3 views, RoI-Align, aligner, fusion, Q-Former, both heads, text tower, FlanT5-XL;
+any config's language model, e.g. the Vicuna variant's decoder-only LLM, whose captions continue
+the prefix's KV cache)
 with random weights, or a tools/convert_checkpoint.py output (`--weights` or config.model_init),
 and times at `--regions` regions per step (median of `--steps` calls after `--warmup`, each
 waited for with jax.block_until_ready):
@@ -317,15 +320,20 @@ def caption_flops_per_region(m, *, num_beams: int, new_tokens: int,
                              n_control: int = ANCHOR_CONTROL_LEN) -> float:
   """Forward matmul FLOPs per captioned region, in flops.py's terms: ViT, the trainable vision
   side once (flops.py counts it 3× for training), T5 encoder, and per beam and generated token
-  the decoder's per-token term (8·d·inner + 3·d·ff per layer) plus the LM head."""
+  the decoder's per-token term (8·d·inner + 3·d·ff per layer) plus the LM head. A decoder-only
+  LLM (lm.kind "llama"): the prefix (queries + control) through its layers, and per beam and
+  token its layers plus the LM head."""
   from dynrefer_jax import flops  # pylint: disable=import-outside-toplevel
   f = flops.flops_per_region(m, num_tags=1)
   vision = f["vit"] + (f["qformer"] + f["fusion"] + f["align"]) / 3
   lm = m.lm
-  d, inner, ff = lm.d_model, lm.num_heads * lm.d_kv, lm.d_ff
-  enc = 2 * (m.num_query_tokens + n_control) * lm.num_encoder_layers * (4 * d * inner + 3 * d * ff)
-  per_token = 2 * lm.num_decoder_layers * (8 * d * inner + 3 * d * ff) + 2 * d * lm.vocab_size
-  return float(vision + enc + num_beams * new_tokens * per_token)
+  n_ctx = m.num_query_tokens + n_control
+  if lm.get("kind", "t5") == "llama":
+    prefix = n_ctx * flops.llm_per_token(lm)
+    per_token = flops.llm_per_token(lm) + 2 * lm.hidden_size * lm.vocab_size
+  else:
+    prefix, per_token = flops.t5_encoder(lm, n_ctx), flops.t5_decoder_per_token(lm)
+  return float(vision + prefix + num_beams * new_tokens * per_token)
 
 
 def relative_errors(graphdef, params, feats, ref, groups=()) -> dict:
@@ -411,11 +419,13 @@ def caption_fn(graphdef, m, gen: dict, groups=()):
   return caption
 
 
-def caption_settings(args) -> dict:
-  """The anchor's decoding: EOS blocked until new_tokens are out (its min_new_tokens)."""
+def caption_settings(args, m=None) -> dict:
+  """The anchor's decoding: EOS blocked until new_tokens are out (its min_new_tokens). HF counts
+  T5's decoder start token in min_length; a decoder-only LLM's prefix has none."""
+  start = 0 if m is not None and m.lm.get("kind", "t5") == "llama" else 1
   return dict(num_beams=args.beams, max_new_tokens=args.new_tokens,
               repetition_penalty=args.repetition_penalty, length_penalty=0.0,
-              min_length=args.new_tokens + 1)  # + the decoder start token, as HF counts it
+              min_length=args.new_tokens + start)
 
 def run_vit_forward(b: Bench, graphdef, *, fp8: bool = False):
   """The vision tower on regions × views random images; returns (features, images)."""
@@ -526,7 +536,7 @@ def run_caption(b: Bench, graphdef, *, fp8: bool = False) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   from dynrefer_jax import train  # pylint: disable=import-outside-toplevel
   m, a = b.config.model, b.args
-  gen = caption_settings(a)
+  gen = caption_settings(a, m)
   keys = ("image", "image_hw", "box", "control_ids", "control_mask")
   batch_sh = train.batch_shardings({k: b.batch[k] for k in keys}, b.state.mesh, b.state.rules)
   batch = {k: jax.device_put(b.batch[k], batch_sh[k]) for k in keys}

@@ -3,6 +3,8 @@ r"""Per-device memory of the full train step on a mesh, before renting the pod s
   python tools/memory_plan.py --devices 64 --mesh 1,64,1 --regions-per-device 8
   python tools/memory_plan.py --devices 8 --mesh 2,4,1 --regions-per-device 2 \
       --config configs/synthetic.py:smoke                   # any config; default: full size
+  python tools/memory_plan.py --devices 64 --mesh 1,64,1 --regions-per-device 8 \
+      --config configs/dynrefer_vicuna_vg.py --caption-len 64   # Vicuna-7B in place of FlanT5
 
 Lowers and compiles the jitted train step (dynrefer_jax.train.jit_train_step: the same shardings,
 donation and remat policy as training) for a mesh of N fake CPU devices from abstract shapes only:

@@ -19,12 +19,15 @@ Which file fills which part (CHECKPOINTS.md §6; later rows override earlier one
 | `Qformer/*`, `t5_proj/*` | the DynRefer `.pth` (they override BLIP-2's; BLIP-2's copies are read only without a DynRefer file) |
 | `cvem_*`, `cem_memory`, `tag_*`, `attr_*` | the DynRefer `.pth` |
 | `t5_model/*` | a Hugging Face flan-t5-xl directory (`*.safetensors` or `pytorch_model*.bin`) |
+| `llm_model/*` (lm.kind "llama") | a Hugging Face Llama-format directory (`--llm`: Vicuna-v1.5, Llama 3, Qwen2; safetensors shards or `pytorch_model*.bin`), the embedding resized to the tokenizer's added tokens |
 | `text_encoder/*` | `eva_clip_psz14.pt` (`text.*`; its `visual.*` half is dropped) |
 | tables `clip_embeds`, `att_embeds`, `ov_embeds` | recomputed with the converted text tower (`compute_tables`) |
 
 The DynRefer file must hold every trainable parameter the model has (the original's name rule:
-`cvem`, `cem`, `tag`, `attr`, `Qformer`, `t5_proj`); its optimizer / scaler / config entries are
-never read. Files are read with `torch.load(weights_only=True)` or safetensors only. Every
+`cvem`, `cem`, `tag`, `attr`, `Qformer`, `t5_proj`; the Vicuna variant's `llm_proj` in place of
+`t5_proj`, and its unused `cem_memory` dropped); its optimizer / scaler / config entries are
+never read. For the Vicuna variant the BLIP-2 file is LAVIS's Vicuna one (`query_tokens`,
+`ln_vision`, `Qformer.bert.*` with its text embeddings, `llm_proj`). Files are read with `torch.load(weights_only=True)` or safetensors only. Every
 problem of every file is collected and raised as one `ConversionError`: missing files, then for
 each source its unmapped, unused, missing and mis-shaped keys.
 
@@ -44,6 +47,7 @@ import numpy as np
 
 from dynrefer_jax.convert import aligner as aligner_conv
 from dynrefer_jax.convert import eva_vit as vit_conv
+from dynrefer_jax.convert import llama as llama_conv
 from dynrefer_jax.convert import qformer as qformer_conv
 from dynrefer_jax.convert import t5 as t5_conv
 from dynrefer_jax.convert import text_tower as text_conv
@@ -54,14 +58,14 @@ Shapes = Mapping[str, tuple[int, ...]]
 TABLES = ("clip_embeds", "att_embeds", "ov_embeds", "tag_token_ids", "att_token_ids",
           "ov_token_ids", "att_template_owner")
 # The original's trainable-name rule (SPEC §9): what the DynRefer file holds.
-DYNREFER_OWNED = re.compile(r"^(cvem|cem|tag|attr|Qformer|t5_proj)")
+DYNREFER_OWNED = re.compile(r"^(cvem|cem|tag|attr|Qformer|t5_proj|llm_proj)")
 # The trainable modules no pretrained file holds (DynRefer's own): without a DynRefer file they
 # are left to the model's initialisation.
 DYNREFER_ONLY = re.compile(r"^(cvem|cem|tag|attr)")
 PRETRAINED_INIT = "pretrained init"  # conversion.json "kind" of a file without DynRefer's heads
 # Frozen modules a bare full state dict could also carry; their own files supply them.
 _FROZEN_PREFIXES = ("visual_encoder.", "ln_vision.", "query_tokens", "t5_model.",
-                    "text_encoder.", "clip_embeds", "att_embeds", "ov_embeds")
+                    "llm_model.", "text_encoder.", "clip_embeds", "att_embeds", "ov_embeds")
 
 
 def head_rules(name: str) -> list[Rule]:
@@ -88,8 +92,17 @@ HEAD_RULES = [
     Rule(r"(tag|attr)_(vision_proj|text_proj|fc)\.weight", "{0}_{1}/kernel", "linear"),
     Rule(r"(tag|attr)_(vision_proj|text_proj|fc)\.bias", "{0}_{1}/bias"),
     Rule(r"attr_(t|b)", "attr_{0}", "scalar"),
-    *t5_conv.dynrefer_rules(),
 ]
+
+
+def _llama(expected: Shapes) -> bool:
+  """Whether the target model's LM is the Vicuna variant's decoder (lm.kind "llama")."""
+  return any(k.startswith("llm_model/") for k in expected)
+
+
+def _lm_rules(expected: Shapes) -> list[Rule]:
+  """The language side's trainable pieces: t5_proj + cem_memory, or llm_proj."""
+  return llama_conv.dynrefer_rules() if _llama(expected) else t5_conv.dynrefer_rules()
 
 
 def _sub(expected: Shapes, prefix: str, strip: bool = True) -> dict[str, tuple[int, ...]]:
@@ -141,8 +154,9 @@ def convert_dynrefer_file(sd: Mapping[str, np.ndarray], expected: Shapes) -> dic
                if DYNREFER_OWNED.match(k) and not k.startswith(("cvem_", "Qformer."))}
   head_expected = {k: v for k, v in expected.items()
                    if DYNREFER_OWNED.match(k) and not k.startswith(("cvem_", "Qformer/"))}
-  out.update(problems.run(convert, head_keys, HEAD_RULES, head_expected,
-                          source_name="DynRefer checkpoint (heads, t5_proj, cem_memory)"))
+  out.update(problems.run(convert, head_keys, HEAD_RULES + _lm_rules(expected), head_expected,
+                          source_name="DynRefer checkpoint (heads, t5_proj / llm_proj, "
+                          "cem_memory)"))
   problems.raise_if_any()
   return out
 
@@ -150,52 +164,80 @@ def convert_dynrefer_file(sd: Mapping[str, np.ndarray], expected: Shapes) -> dic
 def convert_blip2_trainable(sd: Mapping[str, np.ndarray], expected: Shapes
                             ) -> dict[str, np.ndarray]:
   """BLIP-2's stage-2 Q-Former and t5_proj (CHECKPOINTS §2.2, §6: what DynRefer's training
-  starts from) → {our path: array}; every `Qformer/*` and `t5_proj/*` path must be filled."""
+  starts from; for the Vicuna variant LAVIS's Vicuna checkpoint and its llm_proj) → {our path:
+  array}; every `Qformer/*` and `t5_proj/*` (`llm_proj/*`) path must be filled."""
   problems = _Problems()
   qf = problems.run(qformer_conv.convert_qformer_lavis,
                     {k: v for k, v in sd.items() if k.startswith("Qformer.")},
                     _sub(expected, "Qformer/"))
   out = _prefixed(qf, "Qformer/")
-  proj = [r for r in t5_conv.dynrefer_rules() if r.target.startswith("t5_proj")]
-  out.update(problems.run(convert, {k: v for k, v in sd.items() if k.startswith("t5_proj.")},
-                          proj, _sub(expected, "t5_proj/", strip=False),
-                          source_name="BLIP-2 checkpoint (t5_proj)"))
+  name = "llm_proj" if _llama(expected) else "t5_proj"
+  proj = [r for r in _lm_rules(expected) if r.target and r.target.startswith(name)]
+  keys = {k: v for k, v in sd.items() if k.startswith(name + ".")}
+  if name == "llm_proj" and not _fits_llm_proj(keys, expected):
+    keys = {}  # another LLM's BLIP-2 file: llm_proj starts from the trainer's init
+  else:
+    out.update(problems.run(convert, keys, proj, _sub(expected, name + "/", strip=False),
+                            source_name=f"BLIP-2 checkpoint ({name})"))
   problems.raise_if_any()
   return out
 
 
-def left_to_model_init(expected: Shapes) -> set[str]:
-  """Top-level modules of `expected` that no pretrained file fills (DYNREFER_ONLY)."""
-  return {k.split("/")[0] for k in expected if DYNREFER_ONLY.match(k)}
+def _fits_llm_proj(keys: Mapping[str, np.ndarray], expected: Shapes) -> bool:
+  """Whether a BLIP-2 file's llm_proj ([out, in] weight) has the target LLM's width."""
+  w = keys.get("llm_proj.weight")
+  return w is not None and tuple(w.shape[::-1]) == tuple(expected.get("llm_proj/kernel", ()))
+
+
+def left_to_model_init(expected: Shapes, blip2: Mapping[str, np.ndarray] | None = None
+                       ) -> set[str]:
+  """Top-level modules of `expected` that no pretrained file fills (DYNREFER_ONLY), and
+  llm_proj when the BLIP-2 file `blip2` has none of the LLM's width."""
+  left = {k.split("/")[0] for k in expected if DYNREFER_ONLY.match(k)}
+  if blip2 is not None and _llama(expected) and not _fits_llm_proj(blip2, expected):
+    left.add("llm_proj")
+  return left
 
 
 @dataclasses.dataclass(frozen=True)
 class Sources:
-  """Paths of the five released files (SPEC §13); dynrefer=None: the pretrained init only."""
+  """Paths of the five released files (SPEC §13); dynrefer=None: the pretrained init only.
+  The language model is `t5` (a FlanT5 directory) or `llm` (a Llama-format directory, the
+  Vicuna variant or any lm.kind "llama" model); exactly one is given."""
   eva_vit: str         # eva_vit_g.pth
-  blip2: str           # blip2_pretrained_flant5xl.pth
-  t5: str              # a Hugging Face google/flan-t5-xl directory
+  blip2: str           # blip2_pretrained_flant5xl.pth (blip2_pretrained_vicuna7b.pth)
+  t5: str | None       # a Hugging Face google/flan-t5-xl directory
   eva_clip: str        # eva_clip_psz14.pt (or a file with only its text.* keys)
   dynrefer: str | None = None  # vg1.2_5e.pth / refcocog_ft.pth
+  llm: str | None = None       # a Hugging Face Llama-format directory (vicuna-7b-v1.5)
 
 
-def _t5_files(path: str) -> list[str]:
+def _hf_files(path: str) -> list[str]:
+  """The weight files of a Hugging Face model folder: safetensors (shards), else torch bins."""
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
   return files or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+
+
+_t5_files = _hf_files
 
 
 def check_sources(sources: Sources) -> None:
   """Raises FileNotFoundError listing every missing file at once (before anything is read)."""
   missing = []
+  if (sources.t5 is None) == (sources.llm is None):
+    missing.append("--t5 (a FlanT5 directory) or --llm (a Llama-format directory): exactly one")
   for field in dataclasses.fields(sources):
     path = getattr(sources, field.name)
-    if path is None and field.name == "dynrefer":
+    if path is None and field.name in ("dynrefer", "t5", "llm"):
       continue
-    if field.name == "t5":
+    if field.name in ("t5", "llm"):
+      what = "flan-t5-xl" if field.name == "t5" else "Llama-format"
       if not os.path.isdir(path):
-        missing.append(f"--{field.name}: {path} (a Hugging Face flan-t5-xl directory)")
-      elif not _t5_files(path):
+        missing.append(f"--{field.name}: {path} (a Hugging Face {what} directory)")
+      elif not _hf_files(path):
         missing.append(f"--{field.name}: no *.safetensors or pytorch_model*.bin in {path}")
+      elif field.name == "llm" and not os.path.isfile(os.path.join(path, "config.json")):
+        missing.append(f"--llm: no config.json in {path}")
     elif not os.path.isfile(path):
       missing.append(f"--{field.name.replace('_', '-')}: {path}")
   if missing:
@@ -203,16 +245,17 @@ def check_sources(sources: Sources) -> None:
 
 
 def load_sources(sources: Sources) -> dict[str, dict[str, np.ndarray]]:
-  """Reads every file as {key: numpy array} (weights only; LAVIS dicts unwrapped at `model`)."""
+  """Reads every file as {key: numpy array} (weights only; LAVIS dicts unwrapped at `model`).
+  The language model's folder is read under "t5" or "llm", whichever is given."""
   check_sources(sources)
-  t5_sd: dict[str, np.ndarray] = {}
-  for f in _t5_files(sources.t5):
-    t5_sd.update(load_state_dict(f))
+  lm_sd: dict[str, np.ndarray] = {}
+  for f in _hf_files(sources.t5 or sources.llm):
+    lm_sd.update(load_state_dict(f))
   return {"dynrefer": (None if sources.dynrefer is None
                        else load_state_dict(sources.dynrefer, key="model")),
           "eva_vit": load_state_dict(sources.eva_vit, key="model"),
           "blip2": load_state_dict(sources.blip2, key="model"),
-          "t5": t5_sd,
+          "t5" if sources.t5 else "llm": lm_sd,
           "eva_clip": load_state_dict(sources.eva_clip)}
 
 
@@ -220,7 +263,7 @@ def convert_full(states: Mapping[str, Mapping[str, np.ndarray]], expected: Shape
                  ) -> tuple[dict[str, np.ndarray], list[str]]:
   """All five sources → ({our path: array} for every non-table parameter, notes).
 
-  states: {"dynrefer", "eva_vit", "blip2", "t5", "eva_clip"}: flat state dicts; "dynrefer" None
+  states: {"dynrefer", "eva_vit", "blip2", "t5" or "llm", "eva_clip"}: flat state dicts; "dynrefer" None
   converts the pretrained initialisation: Q-Former and t5_proj from the BLIP-2 file, and no
   DYNREFER_ONLY parameter (see left_to_model_init).
   expected: {path: shape} of the model without its tables (see TABLES).
@@ -228,7 +271,8 @@ def convert_full(states: Mapping[str, Mapping[str, np.ndarray]], expected: Shape
   problems = _Problems()
   notes: list[str] = []
   out: dict[str, np.ndarray] = {}
-  owners = ("visual_encoder/", "ln_vision/", "query_tokens", "t5_model/", "text_encoder/")
+  owners = ("visual_encoder/", "ln_vision/", "query_tokens", "t5_model/", "llm_model/",
+            "text_encoder/")
   leftover = sorted(k for k in expected
                     if not k.startswith(owners) and not DYNREFER_OWNED.match(k))
   if leftover:
@@ -251,10 +295,23 @@ def convert_full(states: Mapping[str, Mapping[str, np.ndarray]], expected: Shape
     out.update(problems.run(convert_dynrefer_file, states["dynrefer"], expected))
   else:
     out.update(problems.run(convert_blip2_trainable, states["blip2"], expected))
-    notes.append("no DynRefer file: " + ", ".join(sorted(left_to_model_init(expected)))
+    notes.append("no DynRefer file: "
+                 + ", ".join(sorted(left_to_model_init(expected, states["blip2"])))
                  + " start from the model's initialisation (the trainer's seed)")
-  out.update(_prefixed(problems.run(t5_conv.convert_t5, states["t5"], _sub(expected, "t5_model/"),
-                                    source_name="flan-t5 directory"), "t5_model/"))
+  if _llama(expected):
+    if "llm" not in states:
+      raise ConversionError("the config's LM is a Llama-format decoder (lm.kind 'llama'): "
+                            "give its folder with --llm, not --t5")
+    out.update(_prefixed(problems.run(llama_conv.convert_llama, states["llm"],
+                                      _sub(expected, "llm_model/"),
+                                      source_name="Llama-format directory"), "llm_model/"))
+  else:
+    if "t5" not in states:
+      raise ConversionError("the config's LM is FlanT5 (lm.kind 't5'): give its folder with "
+                            "--t5, not --llm")
+    out.update(_prefixed(problems.run(t5_conv.convert_t5, states["t5"],
+                                      _sub(expected, "t5_model/"),
+                                      source_name="flan-t5 directory"), "t5_model/"))
   out.update(_prefixed(problems.run(text_conv.convert_eva_clip_text, states["eva_clip"],
                                     _sub(expected, "text_encoder/")), "text_encoder/"))
   problems.raise_if_any()
@@ -339,10 +396,44 @@ _TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json")
 
 
+def llm_tokenizer(path: str, special_tokens: Mapping[str, str] | None = None):
+  """The LLM folder's tokenizer with config.data.lm_special_tokens applied (the Vicuna
+  variant: LAVIS's "[PAD]" pad and "</s>" as bos / eos / unk, Blip2VicunaInstruct.__init__)."""
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.data import captions  # pylint: disable=import-outside-toplevel
+  tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  captions.apply_special_tokens(tok, special_tokens)
+  return tok
+
+
+def _write_llm_files(config, llm_dir: str, out_dir: str, notes: list[str]) -> None:
+  """OUT/tokenizer (the LLM's, special tokens applied) and OUT/llm/config.json (its HF config
+  with the model's vocabulary size), from which configs read the LLM's sizes."""
+  import json  # pylint: disable=import-outside-toplevel
+  try:
+    tok = llm_tokenizer(llm_dir, config.data.get("lm_special_tokens", None))
+  except (OSError, ValueError) as e:
+    notes.append(f"no tokenizer loaded from {llm_dir} ({str(e).splitlines()[0]}): put it in "
+                 f"{os.path.join(out_dir, 'tokenizer')}")
+  else:
+    if len(tok) > config.model.lm.vocab_size:
+      raise ConversionError(f"the tokenizer has {len(tok)} tokens, more than "
+                            f"config.model.lm.vocab_size {config.model.lm.vocab_size}")
+    tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
+  hf = llama_conv.read_hf_config(llm_dir)
+  hf["vocab_size"] = int(config.model.lm.vocab_size)
+  os.makedirs(os.path.join(out_dir, "llm"), exist_ok=True)
+  path = os.path.join(out_dir, "llm", "config.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(hf, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping[str, np.ndarray],
                        out_dir: str, *, log=print) -> dict:
   """Writes `out_dir`: checkpoints/ (Orbax, step 0, {"params": every variable of the model,
-  tables included}), vocab.json, tokenizer/ (copied from the T5 directory) and conversion.json.
+  tables included}), vocab.json, tokenizer/ (copied from the T5 directory; with `sources.llm`
+  the LLM's, config.data.lm_special_tokens applied, and llm/config.json) and conversion.json.
   Without `sources.dynrefer` the params lack the modules listed in the report's (and the
   checkpoint metadata's) `left_to_model_init`, and its kind is PRETRAINED_INIT.
 
@@ -371,6 +462,7 @@ def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping
   log(f"reading {', '.join(f'{f.name}={getattr(sources, f.name)}' for f in dataclasses.fields(sources))}")
   states = load_sources(sources)
   flat, notes = convert_full(states, expected)
+  left = sorted(left_to_model_init(expected, states["blip2"])) if sources.dynrefer is None else []
   del states
   log(f"converted {len(flat)} arrays; computing the text tables")
   text_params = functional.unflatten({k[len("text_encoder/"):]: v for k, v in flat.items()
@@ -379,7 +471,6 @@ def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping
   flat.update(tables)
   flat.update({"tag_token_ids": ids["tags"], "att_token_ids": ids["attributes"],
                "ov_token_ids": ids["classes"], "att_template_owner": ids["template_to_attribute"]})
-  left = sorted(left_to_model_init(expected)) if sources.dynrefer is None else []
   missing = sorted(k for k in set(flat_abstract) - set(flat) if k.split("/")[0] not in left)
   if missing:  # convert_full checks everything else; a new table would land here
     raise ConversionError(f"nothing fills: {', '.join(missing)}")
@@ -401,13 +492,16 @@ def convert_checkpoint(config, sources: Sources, vocab: dict, token_ids: Mapping
   ck.save(0, {"params": functional.unflatten(placed)}, report, force=True)
   ck.close()
   tok_dir = os.path.join(out_dir, "tokenizer")
-  copied = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(sources.t5, f))]
-  if copied:
-    os.makedirs(tok_dir, exist_ok=True)
-    for f in copied:
-      shutil.copyfile(os.path.join(sources.t5, f), os.path.join(tok_dir, f))
+  if sources.llm:
+    _write_llm_files(config, sources.llm, out_dir, notes)
   else:
-    notes.append(f"no tokenizer files in {sources.t5}: put the flan-t5 tokenizer in {tok_dir}")
+    copied = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(sources.t5, f))]
+    if copied:
+      os.makedirs(tok_dir, exist_ok=True)
+      for f in copied:
+        shutil.copyfile(os.path.join(sources.t5, f), os.path.join(tok_dir, f))
+    else:
+      notes.append(f"no tokenizer files in {sources.t5}: put the flan-t5 tokenizer in {tok_dir}")
   vocab = dict(vocab, text_len=int(ids["tags"].shape[1]))
   for name, obj in (("vocab.json", vocab), ("conversion.json", report)):
     path = os.path.join(out_dir, name)

@@ -76,13 +76,21 @@ _TOKENIZER_LOCK = threading.Lock()
 class _Tables:
   """Per-vocabulary constants of a pipeline."""
 
-  def __init__(self, tag_vocab, tokenizer, caption_len, control_len, text_len):
+  def __init__(self, tag_vocab, tokenizer, caption_len, control_len, text_len, lm_kind="t5"):
     self.num_tags = len(tag_vocab)
     self.caption_len, self.control_len, self.text_len = caption_len, control_len, text_len
+    self.lm_kind = lm_kind   # config.model.lm.kind: how the LM's text is tokenised
     # Evaluation control words: "|" tokenised as the string it is (the model substitutes its
     # predicted tags).
     with _TOKENIZER_LOCK:
-      self.empty_control = captions_lib.tokenize(tokenizer, [control_words.END], control_len)[0][0]
+      self.empty_control = _zero_padded(*captions_lib.encode_controls(
+          tokenizer, [control_words.END], control_len, lm_kind))
+
+
+def _zero_padded(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int32 with 0 at padding, mask int32) from a tokenisation: the masks travel with the
+  ids, as a pad id may be a real token of another tokenizer (Qwen2's id 0 is "!")."""
+  return np.where(mask, ids, 0).astype(np.int32), mask.astype(np.int32)
 
 
 class _HostReader:
@@ -90,9 +98,9 @@ class _HostReader:
   words drawn (training) or "|" (evaluation). Returns the arrays of `FIELDS` in order (tag ids
   padded with -1 and references with b"" to the batch's longest list)."""
 
-  FIELDS = ("image", "box", "caption_ids", "text_ids", "tags", "num_tags", "category",
-            "attributes", "image_id", "region_id", "references", "num_refs", "control_ids",
-            "control_text")
+  FIELDS = ("image", "box", "caption_ids", "caption_mask", "text_ids", "tags", "num_tags",
+            "category", "attributes", "image_id", "region_id", "references", "num_refs",
+            "control_ids", "control_mask", "control_text")
 
   def __init__(self, source, tokenizer, t: _Tables, text_tokenizer=None, seed: int = 0,
                control_phrases: bool = True):
@@ -106,25 +114,27 @@ class _HostReader:
     controls = ([self._control_words(r, i, int(epoch), int(rows[i])) for i in range(b)]
                 if epoch >= 0 else None)
     with _TOKENIZER_LOCK:
-      caption_ids = captions_lib.tokenize(self.tokenizer, r.caption, t.caption_len)[0]
+      caption_ids, caption_mask = _zero_padded(*captions_lib.encode_captions(
+          self.tokenizer, r.caption, t.caption_len, t.lm_kind))
       if self.text_tokenizer is None:  # one tokenizer for the LM and the text tower (synthetic)
         text_ids = captions_lib.tokenize(self.tokenizer, r.caption, t.text_len)[0]
       if controls is not None:
-        control_ids = captions_lib.tokenize(self.tokenizer, controls, t.control_len)[0]
+        control_ids, control_mask = _zero_padded(*captions_lib.encode_controls(
+            self.tokenizer, controls, t.control_len, t.lm_kind))
     if self.text_tokenizer is not None:  # the text tower's own (CLIP BPE: SOT ... EOT, 0-padded)
       text_ids = np.asarray(self.text_tokenizer(list(r.caption), t.text_len), np.int32)
       text_ids = text_ids.reshape(b, t.text_len)
     if controls is None:
       controls = [control_words.END] * b
-      control_ids = np.tile(t.empty_control, (b, 1))
+      control_ids, control_mask = (np.tile(a, (b, 1)) for a in t.empty_control)
     # One spare column: unbatching a zero-size tensor crashes tf.data (TF 2.21), as it would
     # when the split has no attributes; `drop_spare` removes it from each row.
     attributes = np.concatenate([r.attributes, np.full((b, 1), -1, np.int32)], axis=1)
-    return [r.image.astype(object), r.box, caption_ids, text_ids,
+    return [r.image.astype(object), r.box, caption_ids, caption_mask, text_ids,
             *_padded(r.tag_ids, -1, np.int32), r.category, attributes, r.image_id,
             r.region_id, *_padded([[x.encode() for x in refs] for refs in r.references],
                                   b"", object),
-            control_ids.astype(np.int32), np.asarray([c.encode() for c in controls], object)]
+            control_ids, control_mask, np.asarray([c.encode() for c in controls], object)]
 
   def _control_words(self, r: sources_lib.Regions, i: int, epoch: int, row: int) -> str:
     """Training control words of region i (SPEC §7c): the string drawn from its candidates
@@ -143,17 +153,19 @@ class _HostReader:
     values = tf.numpy_function(self, [rows, epoch], self.dtypes(), stateful=True)
     t, a = self.t, len(self.source.attribute_names)
     shapes = {"image": [local], "box": [local, 4], "caption_ids": [local, t.caption_len],
+              "caption_mask": [local, t.caption_len],
               "text_ids": [local, t.text_len], "tags": [local, None], "num_tags": [local],
               "category": [local], "attributes": [local, a + 1], "image_id": [local],
               "region_id": [local], "references": [local, None], "num_refs": [local],
-              "control_ids": [local, t.control_len], "control_text": [local]}
+              "control_ids": [local, t.control_len], "control_mask": [local, t.control_len],
+              "control_text": [local]}
     return {k: tf.ensure_shape(v, shapes[k]) for k, v in zip(self.FIELDS, values)}
 
   @staticmethod
   def dtypes():
     tf = _tensorflow()
     return [tf.string, tf.float32, tf.int32, tf.int32, tf.int32, tf.int32, tf.int32, tf.int32,
-            tf.int64, tf.int64, tf.string, tf.int32, tf.int32, tf.string]
+            tf.int32, tf.int64, tf.int64, tf.string, tf.int32, tf.int32, tf.int32, tf.string]
 
   @staticmethod
   def drop_spare(ex: dict) -> dict:
@@ -253,14 +265,13 @@ def _load_row(t: _Tables, ex, lay: windows.Layout, cache: _ImageCache | None = N
   tf = _tensorflow()
   tags = ex["tags"][:ex["num_tags"]]
   multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
-  caption_ids, control = ex["caption_ids"], ex["control_ids"]
   return {
       **_image_keys(ex["image"], ex["box"], lay, ex["image_id"], cache),
       "box": ex["box"],
-      "caption_ids": caption_ids,
-      "caption_mask": tf.cast(caption_ids != 0, tf.int32),
-      "control_ids": control,
-      "control_mask": tf.cast(control != 0, tf.int32),
+      "caption_ids": ex["caption_ids"],
+      "caption_mask": ex["caption_mask"],
+      "control_ids": ex["control_ids"],
+      "control_mask": ex["control_mask"],
       "text_ids": ex["text_ids"],
       "tags": tf.ensure_shape(multi_hot, [t.num_tags]),
       "category": ex["category"],
@@ -323,7 +334,8 @@ def make_train_iterator(source: sources_lib.RegionSource, *, global_batch_size: 
                         process_count: int = 1, start_step: int = 0, caption_len: int = 32,
                         control_len: int = 32, text_len: int = 32, prefetch: int = 2,
                         with_ids: bool = False, text_tokenizer=None,
-                        control_phrases: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                        control_phrases: bool = True,
+                        lm_kind: str = "t5") -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator of this process's training batches (dict of numpy arrays, B = global /
   process_count rows), starting at global step `start_step`. See the module docstring.
 
@@ -335,6 +347,8 @@ def make_train_iterator(source: sources_lib.RegionSource, *, global_batch_size: 
     its tags (the original; config.data.control_phrases).
   text_tokenizer: `f(texts, length) -> int[N, length]` for `text_ids` (the text tower's CLIP
     BPE, tokenizers/clip_bpe.ClipTokenizer); None: `tokenizer` as for the captions.
+  lm_kind: config.model.lm.kind, how control words and captions are tokenised for the LM
+    (`captions.encode_controls` / `encode_captions`).
   """
   tf = _tensorflow()
   if global_batch_size % process_count:
@@ -344,7 +358,7 @@ def make_train_iterator(source: sources_lib.RegionSource, *, global_batch_size: 
   if steps_per_epoch < 1:
     raise ValueError(f"{n} examples cannot fill one global batch of {global_batch_size}")
   local = global_batch_size // process_count
-  t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len)
+  t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len, lm_kind)
   reader = _HostReader(source, tokenizer, t, text_tokenizer, seed, control_phrases)
   lay = layout_for(source, window_size, hash=False)
   # Training draws regions at random over the whole split: an image comes back within a few
@@ -387,7 +401,7 @@ class EvalIterable:
 
   def __init__(self, source, *, global_batch_size, tokenizer, window_size, process_index=0,
                process_count=1, caption_len=32, control_len=32, text_len=32, prefetch=2,
-               text_tokenizer=None):
+               text_tokenizer=None, lm_kind="t5"):
     if global_batch_size % process_count:
       raise ValueError(f"global batch {global_batch_size} not divisible by {process_count}")
     self.source = source
@@ -397,7 +411,7 @@ class EvalIterable:
     self.num_steps = -(-largest // self.local)
     self.layout = layout_for(source, window_size, hash=True)
     self.prefetch = prefetch
-    self._t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len)
+    self._t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len, lm_kind)
     self._reader = _HostReader(source, tokenizer, self._t, text_tokenizer)
 
   def __len__(self) -> int:

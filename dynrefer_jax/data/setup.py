@@ -82,6 +82,11 @@ def _tokenize(tok, texts: list[str], length: int) -> np.ndarray:
   return ids
 
 
+def lm_kind(config) -> str:
+  """config.model.lm.kind: "t5" (default) or "llama" (how the LM's text is tokenised)."""
+  return config.model.lm.get("kind", "t5")
+
+
 def prepare(config, workdir: str) -> Data:
   if config.data.name != "synthetic":
     return _prepare_real(config, workdir)
@@ -129,7 +134,7 @@ def _prepare_synthetic(config, workdir: str) -> Data:
   import jax  # pylint: disable=import-outside-toplevel
   pidx, pcount = jax.process_index(), jax.process_count()
   kw = dict(window_size=d.window_size, tokenizer=tok, caption_len=d.caption_len,
-            control_len=d.control_len, text_len=text_len)
+            control_len=d.control_len, text_len=text_len, lm_kind=lm_kind(config))
   split_sources = {"train": train_source}
 
   def source(split: str) -> sources.RegionSource:
@@ -190,6 +195,8 @@ REAL_DATA_FIELDS = {
     "class_names": "coco.json or a text file of class names; default: vocab.json, else the "
                    "categories of the splits",
     "fixture": "write a tiny real-format dataset under <workdir>/data when dir is empty (smoke)",
+    "lm_special_tokens": "{name: token} added to the LM tokenizer (the Vicuna variant: LAVIS's "
+                         "'[PAD]' pad and '</s>' bos / eos / unk)",
 }
 
 
@@ -423,6 +430,10 @@ def _prepare_real(config, workdir: str) -> Data:
     return caps + vocab["tags"] + vocab["class_prompts"] + vocab["attribute_templates"]
 
   tok = _load_tokenizer(d, workdir, model_init, root, fixture_texts)
+  # The LLM's special-token overrides (the Vicuna variant's LAVIS ones), as the converter
+  # applies them; a no-op on a converted tokenizer, which has them already.
+  from dynrefer_jax.data import captions  # pylint: disable=import-outside-toplevel
+  captions.apply_special_tokens(tok, d.get("lm_special_tokens", None))
   text_len = d.text_len
   if d.text_tokenizer == "clip":
     from dynrefer_jax.tokenizers import clip_bpe  # pylint: disable=import-outside-toplevel
@@ -447,7 +458,8 @@ def _prepare_real(config, workdir: str) -> Data:
   import jax  # pylint: disable=import-outside-toplevel
   pidx, pcount = jax.process_index(), jax.process_count()
   kw = dict(window_size=d.window_size, tokenizer=tok, caption_len=d.caption_len,
-            control_len=d.control_len, text_len=text_len, text_tokenizer=text_tok)
+            control_len=d.control_len, text_len=text_len, text_tokenizer=text_tok,
+            lm_kind=lm_kind(config))
   eval_sources: dict[str, sources.RegionSource] = {}
 
   def train_iterator(start_step: int = 0):

@@ -4,6 +4,12 @@
     → [CLS; tokens] per view → concat views on channels → fusion MLP → Q-Former (32 queries) → Z
     Z → tag decoder (ASL) | region–text decoder (SigLIP) | t5_proj + control words → T5 (LM loss)
 
+The language model is config.model.lm.kind: "t5" (dynrefer_t5.py: FlanT5 encoder-decoder,
+`t5_proj`, control embeddings + `cem_memory`) or "llama" (dynrefer_vicuna.py: a decoder-only
+Llama-format LLM `llm_model` with `llm_proj`; the prefix [llm_proj(Z) ; control embeddings] is
+followed by the caption, as InstructBLIP-Vicuna builds it; no `cem_memory`, which the Vicuna
+variant creates but never reads).
+
 Submodule names follow the original so that its trainable-name rule applies unchanged
 (docs/ARCHITECTURE.md). Text-embedding tables (`clip_embeds` for tags, `att_embeds` for attribute
 templates, `ov_embeds` for class prompts) are `Table`s computed from the text tower; with
@@ -23,6 +29,7 @@ from dynrefer_jax import losses, sharding
 from dynrefer_jax.views import select as views
 from dynrefer_jax.models import aligner as aligner_lib
 from dynrefer_jax.models import eva_vit, fp8, fusion, heads, layers, qformer, roi_align
+from dynrefer_jax.models import llama as llama_lib
 from dynrefer_jax.models import t5 as t5_lib
 from dynrefer_jax.models import text_tower
 
@@ -35,7 +42,7 @@ def _dtype(name: str | None):
 #   vit:    the ViT (and ln_vision's output);
 #   region: RoI-Align, aligner, fusion MLP, Q-Former (Z);
 #   heads:  the tag and region-text heads with their projections;
-#   lm:     t5_proj and the language model;
+#   lm:     t5_proj / llm_proj and the language model;
 #   text:   the text tower (caption embeddings, and the tag / attribute / class tables).
 PRECISION_STAGES = ("vit", "region", "heads", "lm", "text")
 
@@ -184,10 +191,18 @@ class DynRefer(nnx.Module):
 
     self.text_encoder = text_tower.TextTransformer(**c.text, scan_layers=scan, dtype=dt["text"],
                                                    rngs=rngs)
-    lm = c.lm
-    self.t5_model = t5_lib.T5(**lm, scan_layers=scan, dtype=dt["lm"], rngs=rngs)
-    self.t5_proj = dense(q.hidden, lm.d_model, dtype=dt["lm"])
-    self.cem_memory = nnx.Param(jnp.zeros((lm.d_model,), jnp.float32), out_sharding=("embed",))
+    lm = c.lm.to_dict() if hasattr(c.lm, "to_dict") else dict(c.lm)
+    self.lm_kind = lm.pop("kind", "t5")
+    if self.lm_kind == "t5":
+      self.t5_model = t5_lib.T5(**lm, scan_layers=scan, dtype=dt["lm"], rngs=rngs)
+      self.t5_proj = dense(q.hidden, lm["d_model"], dtype=dt["lm"])
+      self.cem_memory = nnx.Param(jnp.zeros((lm["d_model"],), jnp.float32),
+                                  out_sharding=("embed",))
+    elif self.lm_kind == "llama":
+      self.llm_model = llama_lib.Llama(**lm, scan_layers=scan, dtype=dt["lm"], rngs=rngs)
+      self.llm_proj = dense(q.hidden, lm["hidden_size"], dtype=dt["lm"])
+    else:
+      raise ValueError(f"config.model.lm.kind {self.lm_kind!r}: 't5' or 'llama'")
 
     ids = {k: jnp.asarray(v, jnp.int32) for k, v in text_token_ids.items()}
     # Which attribute each template scores (int[T]); -1 where unknown (only the synthetic
@@ -299,11 +314,22 @@ class DynRefer(nnx.Module):
     return 0.5 * (losses.siglip_loss(s_t2i * scale + bias, mask, labels, weights)
                   + losses.siglip_loss((s_i2t * scale + bias).T, mask, _t(labels), _t(weights)))
 
+  @property
+  def language_model(self) -> nnx.Module:
+    """The LM: `t5_model` or `llm_model`; called as (inputs, mask, labels, label_mask)."""
+    return self.t5_model if self.lm_kind == "t5" else self.llm_model
+
   def lm_inputs(self, z: jax.Array, control_ids: jax.Array, control_mask: jax.Array):
-    """Projected queries + control-word embeddings (plus cem_memory) → T5 encoder inputs."""
-    projected = self.t5_proj(z)                                       # [B, Q, d]
-    control = self.t5_model.embed(control_ids).astype(projected.dtype)  # [B, Lc, d]
-    control = control + self.cem_memory[...].astype(projected.dtype)    # SPEC §7c
+    """Z float[B, Q, D], control ids / mask [B, Lc] → (float[B, Q + Lc, d], bool[B, Q + Lc]):
+    T5's encoder input (t5_proj(Z) ; control embeddings + cem_memory, SPEC §7c) or the Llama
+    prefix (llm_proj(Z) ; control embeddings, dynrefer_vicuna.py's llm_forward)."""
+    if self.lm_kind == "t5":
+      projected = self.t5_proj(z)                                          # [B, Q, d]
+      control = self.t5_model.embed(control_ids).astype(projected.dtype)   # [B, Lc, d]
+      control = control + self.cem_memory[...].astype(projected.dtype)     # SPEC §7c
+    else:
+      projected = self.llm_proj(z)
+      control = self.llm_model.embed(control_ids).astype(projected.dtype)
     mask = jnp.concatenate([jnp.ones(projected.shape[:2], bool), control_mask.astype(bool)], 1)
     return jnp.concatenate([projected, control], axis=1), mask
 
@@ -346,8 +372,8 @@ class DynRefer(nnx.Module):
     rtc_loss = self.region_text_loss(z, text, mask, labels, weights, train=train, rngs=rngs)
 
     enc_in, enc_mask = self.lm_inputs(z, batch["control_ids"], batch["control_mask"])
-    lm_loss, _ = self.t5_model(enc_in, enc_mask, batch["caption_ids"],
-                               batch["caption_mask"].astype(bool), train=train, rngs=rngs)
+    lm_loss, _ = self.language_model(enc_in, enc_mask, batch["caption_ids"],
+                                     batch["caption_mask"].astype(bool), train=train, rngs=rngs)
     w = c.loss
     total = w.lm * lm_loss + w.tag * tag_loss + w.rtc * rtc_loss
     return total, {"loss_lm": lm_loss, "loss_tag": tag_loss, "loss_rtc": rtc_loss}
@@ -381,8 +407,12 @@ class DynRefer(nnx.Module):
 
   def caption(self, z: jax.Array, control_ids: jax.Array, control_mask: jax.Array,
               **generate_kw) -> tuple[jax.Array, jax.Array]:
-    """Beam-search captions: (ids int[B, T], sequence scores float[B])."""
+    """Beam-search captions: (ids int[B, T], sequence scores float[B]). T5 decodes from its
+    encoder's states; Llama continues the prefix (its KV cache), with no start token."""
     from dynrefer_jax.decode import beam_search  # pylint: disable=import-outside-toplevel
     enc_in, enc_mask = self.lm_inputs(z, control_ids, control_mask)
+    if self.lm_kind == "llama":
+      generate_kw = dict(generate_kw, decoder_start_token_id=None)
+      return beam_search.generate(self.llm_model, enc_in, enc_mask, **generate_kw)
     enc = self.t5_model.encode(enc_in, enc_mask)
     return beam_search.generate(self.t5_model, enc, enc_mask, **generate_kw)
