@@ -29,7 +29,7 @@ from configs import common, dynrefer_vg, synthetic
 VICUNA_7B = dict(kind="llama", vocab_size=32001, hidden_size=4096, intermediate_size=11008,
                  num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
                  rope_theta=10000.0, rope_scaling={}, attention_bias=False, o_bias=False,
-                 tie_word_embeddings=False, init_std=0.02)
+                 tie_word_embeddings=False, init_std=0.02, residual_init_scale=1.0)
 
 # Blip2VicunaInstruct.__init__: pad "[PAD]" added; "</s>" becomes bos, eos and unk.
 LAVIS_VICUNA_TOKENS = dict(pad_token="[PAD]", bos_token="</s>", eos_token="</s>",

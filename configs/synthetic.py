@@ -28,11 +28,14 @@ LM_LABELS = {"t5": "T5 encoder-decoder (DynRefer's FlanT5 design)",
 def llama_lm(vocab_size: int = common.AUTO) -> dict:
   """The toy decoder-only LM: as wide as the toy T5 (32) and about as many parameters (3 layers
   of 4 query heads sharing 2 key/value heads), initialised with std width**-0.5 as the other
-  toy stacks trained from scratch (HF's 0.02 suits width 4096)."""
+  toy stacks trained from scratch (HF's 0.02 suits width 4096), and the projections into the
+  residual stream (o, down) at 1/sqrt(2 layers) of that (GPT-2's scaled init). Without the
+  latter the LLM's early gradients swamped the shared Q-Former: validation category accuracy
+  15.6 / 40.9 / 66.9 / 69.9 at steps 500-2000 (test 64.1), against 47.6 / 87.4 / 92.9 / 94.1."""
   return dict(kind="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
               num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6,
               rope_theta=10000.0, rope_scaling={}, attention_bias=False, o_bias=False,
-              tie_word_embeddings=False, init_std=32 ** -0.5, residual_init_scale=1.0)
+              tie_word_embeddings=False, init_std=32 ** -0.5, residual_init_scale=6 ** -0.5)
 
 
 def get_config(arg=None):
