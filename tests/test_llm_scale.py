@@ -71,3 +71,23 @@ def llama_reference(devices8):
 def test_llama_train_step_on_meshes_matches_one_device(devices8, llama_reference, mesh, remat):
   _assert_same_run(run_steps(tiny_llama_config(mesh, **{"model.remat": remat}), devices8,
                              make_batches(3)), llama_reference)
+
+
+def test_llm_flops_counted_by_hand():
+  """flops.py's "llm" part for Vicuna-7B's shapes, by hand: 2 FLOPs per multiply-add, the
+  layers over queries + control + targets (32 + 8 + 20 tokens), the LM head on the 20 targets,
+  forward + input-gradient backward; and benchmark.py's caption count from the same terms."""
+  import sys
+  from dynrefer_jax import flops
+  config = config_lib.load("configs/dynrefer_vicuna_vg.py")
+  d, f, v, layers = 4096, 11008, 32001, 32
+  per_token = 2 * layers * (4 * d * d + 3 * d * f)        # q, k, v, o (no GQA) + SwiGLU
+  want = 2 * (60 * per_token + 20 * 2 * d * v)
+  got = flops.flops_per_region(config.model, num_tags=4585)
+  assert "t5" not in got and abs(got["llm"] - want) <= 1e-6 * want
+  assert abs(got["llm"] - 1.565e12) / 1.565e12 < 0.01    # ≈ 0.78 TFLOP forward per region
+  sys.path.insert(0, "tools")
+  import benchmark  # pylint: disable=import-outside-toplevel
+  cap = benchmark.caption_flops_per_region(config.model, num_beams=2, new_tokens=20)
+  vision = got["vit"] + (got["qformer"] + got["fusion"] + got["align"]) / 3
+  assert abs(cap - (vision + 40 * per_token + 2 * 20 * (per_token + 2 * d * v))) <= 1e-6 * cap
