@@ -30,7 +30,7 @@ from configs import common as configs_common
 from dynrefer_jax import functional
 from dynrefer_jax.convert.common import convert, expected_shapes
 from dynrefer_jax.convert.aligner import convert_cvem
-from dynrefer_jax.convert.dynrefer import DYNREFER_OWNED, HEAD_RULES
+from dynrefer_jax.convert.dynrefer import DYNREFER_OWNED, HEAD_RULES, lm_rules
 from dynrefer_jax.convert.qformer import convert_qformer_hf
 from dynrefer_jax.convert.text_tower import convert_eva_clip_text
 from dynrefer_jax.views import select as views
@@ -324,7 +324,8 @@ def test_each_heads_loss_and_every_trainable_gradient_match_the_original(objecti
   q_exp = {k[len("Qformer/"):]: v for k, v in exp.items() if k.startswith("Qformer/")}
   want.update({"Qformer/" + k: v for k, v in convert_qformer_hf(
       {k: q.grad.numpy() for k, q in t["qformer"].named_parameters()}, q_exp).items()})
-  want.update(convert({k: v for k, v in g.items() if not k.startswith("cvem_")}, HEAD_RULES,
+  want.update(convert({k: v for k, v in g.items() if not k.startswith("cvem_")},
+                      HEAD_RULES + lm_rules(exp),  # t5_proj and cem_memory
                       {k: v for k, v in exp.items()
                        if not k.startswith(("cvem_", "Qformer/"))}))
   assert set(want) == set(grads)

@@ -100,7 +100,7 @@ def _llama(expected: Shapes) -> bool:
   return any(k.startswith("llm_model/") for k in expected)
 
 
-def _lm_rules(expected: Shapes) -> list[Rule]:
+def lm_rules(expected: Shapes) -> list[Rule]:
   """The language side's trainable pieces: t5_proj + cem_memory, or llm_proj."""
   return llama_conv.dynrefer_rules() if _llama(expected) else t5_conv.dynrefer_rules()
 
@@ -154,7 +154,7 @@ def convert_dynrefer_file(sd: Mapping[str, np.ndarray], expected: Shapes) -> dic
                if DYNREFER_OWNED.match(k) and not k.startswith(("cvem_", "Qformer."))}
   head_expected = {k: v for k, v in expected.items()
                    if DYNREFER_OWNED.match(k) and not k.startswith(("cvem_", "Qformer/"))}
-  out.update(problems.run(convert, head_keys, HEAD_RULES + _lm_rules(expected), head_expected,
+  out.update(problems.run(convert, head_keys, HEAD_RULES + lm_rules(expected), head_expected,
                           source_name="DynRefer checkpoint (heads, t5_proj / llm_proj, "
                           "cem_memory)"))
   problems.raise_if_any()
@@ -172,7 +172,7 @@ def convert_blip2_trainable(sd: Mapping[str, np.ndarray], expected: Shapes
                     _sub(expected, "Qformer/"))
   out = _prefixed(qf, "Qformer/")
   name = "llm_proj" if _llama(expected) else "t5_proj"
-  proj = [r for r in _lm_rules(expected) if r.target and r.target.startswith(name)]
+  proj = [r for r in lm_rules(expected) if r.target and r.target.startswith(name)]
   keys = {k: v for k, v in sd.items() if k.startswith(name + ".")}
   if name == "llm_proj" and not _fits_llm_proj(keys, expected):
     keys = {}  # another LLM's BLIP-2 file: llm_proj starts from the trainer's init
