@@ -156,3 +156,26 @@ def test_seeded_comparison_end_to_end(smoke_workdir, tmp_path):
   assert again.returncode == 0, again.stderr[-2000:]
   assert sum("reused" in line for line in _console_lines(again.stdout)) == 4
   assert not any(line.startswith("[train]") for line in _console_lines(again.stdout))
+
+
+def test_lm_compare_plan_trains_t5_and_the_decoder_llm_on_one_world(tmp_path):
+  """configs/synthetic.py:lm_compare: T5 (the default config) and the decoder-only LLM
+  (synthetic.py:llama), seeded alike, on one synthetic world, scored on the test split; the
+  only training difference is config.model.lm."""
+  spec = os.path.join(ROOT, "configs/synthetic.py:lm_compare")
+  config = config_lib.load(spec, ["compare.seeds=2"])
+  plan = main.comparison_plan(config, spec, ["compare.seeds=2"], str(tmp_path))
+  assert list(plan) == ["t5", "llama"]
+  t5, llama = plan["t5"][1], plan["llama"][1]
+  assert [c.seed for c in t5] == [c.seed for c in llama] == [0, 1]
+  assert t5[0].model.lm.get("kind", "t5") == "t5" and llama[0].model.lm.kind == "llama"
+  default = config_lib.load(os.path.join(ROOT, "configs/synthetic.py"))
+  want = config_lib.load(os.path.join(ROOT, "configs/synthetic.py:llama"))
+  assert t5[0].model.lm.to_dict() == default.model.lm.to_dict()
+  assert llama[0].model.lm.to_dict() == want.model.lm.to_dict()
+  assert t5[0].data.dir == llama[0].data.dir == str(tmp_path / "data")
+  assert t5[0].eval.splits == llama[0].eval.splits == ["test"]
+  strip = lambda c: {k: v for k, v in main._training_part(c).items() if k != "model"}  # pylint: disable=protected-access
+  assert strip(t5[1]) == strip(llama[1])
+  assert {k: v for k, v in main._training_part(t5[0])["model"].items() if k != "lm"} == \
+      {k: v for k, v in main._training_part(llama[0])["model"].items() if k != "lm"}  # pylint: disable=protected-access
