@@ -402,3 +402,46 @@ def test_synthetic_world_is_built_once_per_config(tmp_path):
   assert not [n for n in os.listdir(root) if "incomplete" in n or n.startswith(".synthetic")]
   assert not [n for n in os.listdir(os.path.join(root, "dynrefer_synthetic"))
               if "incomplete" in n]
+
+
+def test_region_reads_equal_tfds_decoding(tmp_path):
+  """RegionSource.read parses the serialized examples itself (sources._StoredImage); every
+  region of every fixture split and of a synthetic world (attributes, several tags) reads as
+  TFDS's own decoding of the example (`as_data_source`) gives it, in shuffled row order."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.data import captions, fixture  # pylint: disable=import-outside-toplevel
+  from dynrefer_jax.data.builders import synthetic as world  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path / "data")
+  fixture.ensure(root)
+  splits = [(builders.load(d, root), s) for d, ss in (
+      ("vg", ["train", "val", "test"]), ("vg_reg", ["test"]), ("refcocog", ["train", "val"]),
+      ("coco", ["val"]), ("ovad", ["test"])) for s in ss]
+  syn = builders.build("synthetic", root, config=world.world_config(3, {"train": 3}, 64))
+  splits.append((syn, "train"))
+  checked = {"attributes": 0, "untagged": 0, "tags": 0}
+  for builder, split in splits:
+    src = sources.RegionSource(builder, split)
+    decoded = builder.as_data_source(  # TFDS's decoding (image bytes kept): the reference
+        split, decoders={"image": tfds.decode.SkipDecoding()})
+    rows = np.random.default_rng(0).permutation(src.num_examples)
+    got = src.read(rows)
+    for i, row in enumerate(rows):
+      e = int(np.searchsorted(src.offsets, row, side="right") - 1)
+      ex, k = decoded[e], int(row - src.offsets[e])
+      reg = {name: value[k] for name, value in ex["regions"].items()}
+      what = f"{builder.name}/{split} row {row}"
+      assert got.image_id[i] == ex["image_id"] and got.region_id[i] == reg["id"], what
+      np.testing.assert_array_equal(got.box[i], reg["box"], err_msg=what)
+      assert got.caption[i] == captions.pre_caption(reg["caption"].decode()), what
+      assert got.references[i] == [captions.pre_caption(r.decode())
+                                   for r in reg["references"]], what
+      assert got.tag_ids[i].tolist() == reg["tag_ids"].tolist(), what
+      assert got.category[i] == src._cat_map[reg["category"]], what  # pylint: disable=protected-access
+      if len(reg["attributes"]):
+        np.testing.assert_array_equal(got.attributes[i], reg["attributes"], err_msg=what)
+        checked["attributes"] += 1
+      assert got.image[i] == ex["image"], what
+      checked["untagged"] += len(reg["tag_ids"]) == 0
+      checked["tags"] += len(reg["tag_ids"]) > 1
+  # The ragged features' edge cases occurred: empty and several values in one region.
+  assert all(checked.values()), checked

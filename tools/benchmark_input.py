@@ -18,7 +18,9 @@ SentencePiece tokenizer and the CLIP BPE, `data.setup.prepare`, then the trainin
 commit before the one that removed sources.JsonSource), extracted with `git archive`; "after" is
 this checkout. Reported per path: seconds to import, to prepare, to the first batch (and their
 sum from process start, and the process's CPU seconds over all threads up to then), regions/s
-over --steps batches after the first, and the process's peak resident memory (ru_maxrss). A
+over --steps batches after the first (with the cores the process kept busy then, its CPU
+seconds over the wall time, and its CPU milliseconds per region: how much of the machine each
+path uses, and what a region costs), and the process's peak resident memory (ru_maxrss). A
 path can be left out (--paths after) when the machine lacks the memory the baseline needs.
 """
 
@@ -248,10 +250,13 @@ for _ in range(args["steps"]):
   n += len(next(it)["image"])
 t_end = time.time()
 usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu_end = usage.ru_utime + usage.ru_stime
 print(json.dumps({
     "import_s": t_import - t0, "prepare_s": t_prepare - t_import,
     "first_batch_s": t_first - t_prepare, "start_to_first_batch_s": t_first - t0,
     "cpu_to_first_batch_s": cpu_first, "regions_per_s": n / (t_end - t_first),
+    "cores_busy": (cpu_end - cpu_first) / (t_end - t_first),
+    "cpu_ms_per_region": 1e3 * (cpu_end - cpu_first) / max(n, 1),
     "regions": data.num_train_examples, "peak_rss_gib": usage.ru_maxrss / 2**20}), flush=True)
 # A live tf.data iterator whose threads run Python can hang the interpreter's exit (the
 # baseline's pipeline does not close it): the figures are out, leave at once.
