@@ -57,7 +57,7 @@ def train(built):
 @pytest.fixture(scope="module")
 def annotations(world):
   data = synthetic.load_split(world, "train")
-  data.update({"by_id": {a["id"]: a for a in data["annotations"]},
+  data.update({"root": world, "by_id": {a["id"]: a for a in data["annotations"]},
                "image": {im["id"]: im for im in data["images"]}})
   return data
 
@@ -112,6 +112,35 @@ def test_rows_match_annotations(world, train, tok, annotations):
     assert batch["category"][i] == synthetic.CATEGORIES.index(a["category"])
     names = synthetic.attribute_names()
     assert [a["attributes"][n_] for n_ in names] == batch["attributes"][i].tolist()
+
+
+def test_training_caches_images_only_when_the_split_fits(train, tok, annotations,
+                                                        monkeypatch):
+  """The training image cache is on only when every image of the split fits its budget (bound:
+  side**2 * 3 bytes * 4/3 for the levels); uncached batches are the same pixels."""
+  class Split:  # what train_cache_bytes reads of a source
+    def __init__(self, num_images, max_image_side):
+      self.num_images, self.max_image_side = num_images, max_image_side
+  budget = pipeline.TRAIN_IMAGE_CACHE_BYTES
+  assert pipeline.train_cache_bytes(Split(600, 96)) == budget   # the synthetic world: 22 MB
+  assert pipeline.train_cache_bytes(Split(77398, 1280)) == 0    # Visual Genome
+  assert pipeline.train_cache_bytes(Split(budget // (4 * 500**2), 500)) == budget
+  assert pipeline.train_cache_bytes(Split(budget // (4 * 500**2) + 1, 500)) == 0
+  assert train.num_images == COUNTS["train"]
+  made = []
+  real_prepare = pipeline.windows.prepare
+  monkeypatch.setattr(pipeline.windows, "prepare",
+                      lambda *a: made.append(1) or real_prepare(*a))
+  _take(_train(train, tok), 2)
+  assert 0 < len(made) <= COUNTS["train"]  # cached: each image prepared once
+  made.clear()
+  monkeypatch.setattr(pipeline, "TRAIN_IMAGE_CACHE_BYTES", 0)  # the world no longer fits
+  batch = next(_train(train, tok))
+  assert len(made) >= G > COUNTS["train"]  # every row prepared its own image (prefetch: more)
+  for i in range(G):
+    im = annotations["image"][int(batch["image_id"][i])]
+    png = np.asarray(Image.open(os.path.join(annotations["root"], "images", im["file_name"])))
+    np.testing.assert_array_equal(batch["image"][i, 0, :im["height"], :im["width"]], png)
 
 
 def _words(text: bytes) -> list[str]:

@@ -188,6 +188,18 @@ def _padded(rows: list, fill, dtype) -> tuple[np.ndarray, np.ndarray]:
 TRAIN_IMAGE_CACHE_BYTES = 128 << 20
 
 
+def train_cache_bytes(source: sources_lib.RegionSource) -> int:
+  """The training image cache's budget for `source`: TRAIN_IMAGE_CACHE_BYTES when all the
+  split's prepared images fit in it (an upper bound: each image at most max_image_side square,
+  3 bytes a pixel, levels adding at most a third), else 0, no cache. Training draws regions at
+  random over the whole split, so a cache that holds a small part of it almost never hits, and
+  keeping it costs: at 2,000 images of about 600 px (tools/benchmark_input.py, 2-core CPU) a
+  128 MiB cache made the input pipeline about 10% slower than none. The synthetic world (600
+  images of 96 px, 22 MB) is cached; Visual Genome (77k images) is not."""
+  bound = source.num_images * 4 * source.max_image_side ** 2
+  return TRAIN_IMAGE_CACHE_BYTES if bound <= TRAIN_IMAGE_CACHE_BYTES else 0
+
+
 class _ImageCache:
   """The prepared images (views/windows.prepare: levels, gray) read last, by image id, up to
   `max_bytes` (the newest always kept). Evaluation reads an image's regions one after another,
@@ -266,7 +278,8 @@ def _load_row(t: _Tables, ex, lay: windows.Layout, cache: _ImageCache | None = N
   tags = ex["tags"][:ex["num_tags"]]
   multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
   return {
-      **_image_keys(ex["image"], ex["box"], lay, ex["image_id"], cache),
+      **_image_keys(ex["image"], ex["box"], lay, None if cache is None else ex["image_id"],
+                    cache),
       "box": ex["box"],
       "caption_ids": ex["caption_ids"],
       "caption_mask": ex["caption_mask"],
@@ -361,11 +374,8 @@ def make_train_iterator(source: sources_lib.RegionSource, *, global_batch_size: 
   t = _Tables(source.tag_vocab, tokenizer, caption_len, control_len, text_len, lm_kind)
   reader = _HostReader(source, tokenizer, t, text_tokenizer, seed, control_phrases)
   lay = layout_for(source, window_size, hash=False)
-  # Training draws regions at random over the whole split: an image comes back within a few
-  # batches only in a small dataset (the synthetic world fits in this budget), while at VG's
-  # 77k images a 1 GiB cache (evaluation's) hits almost never and holds half the process's host
-  # memory (tools/benchmark_input.py).
-  cache = _ImageCache(TRAIN_IMAGE_CACHE_BYTES)
+  budget = train_cache_bytes(source)
+  cache = _ImageCache(budget) if budget else None
 
   def host(step):
     """The rows (regions) this process reads in global step `step`, read on the host."""

@@ -100,6 +100,10 @@ class RegionSource:
     return self._records
 
   @property
+  def num_images(self) -> int:
+    return len(self.offsets) - 1
+
+  @property
   def num_examples(self) -> int:
     return int(self.offsets[-1])
 
@@ -169,7 +173,7 @@ class _StoredImage:
   ArrayRecord read, for the one region a training batch wants. The keys are TFDS's
   serialization of FEATURES: scalars and fixed-shape tensors of the Sequence flattened over the
   regions under `regions/<name>`, variable-length ones as `regions/<name>/ragged_flat_values`
-  with `regions/<name>/ragged_row_lengths_0`. tests/test_datasets.py checks this against
+  with `regions/<name>/ragged_row_lengths_0`. tests/test_builders.py checks this against
   TFDS's decoding on every builder's fixture."""
 
   def __init__(self, serialized: bytes):
