@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dynrefer_jax import losses
+from dynrefer_jax import losses, sharding
 from dynrefer_jax.models import layers
 
 
@@ -234,7 +234,12 @@ class Llama(nnx.Module):
     src = jnp.concatenate([last_prefix[:, None],
                            p - 1 + jnp.arange(1, labels.shape[1])[None].repeat(
                                labels.shape[0], 0)], 1)
-    logits = self.logits(jnp.take_along_axis(h, src[..., None], 1))
+    # The gathered states pinned to the activations' layout: left to sharding propagation, on
+    # data 2 x fsdp 2 x tensor 2 with gradient also flowing into the Q-Former, the backward of
+    # this gather gave every LLM parameter below lm_head a wrong gradient (equal loss; grad norm
+    # 74.67 vs 75.15). tests/test_llm_scale.py.
+    h = sharding.constrain(jnp.take_along_axis(h, src[..., None], 1), ("batch", None, "embed"))
+    logits = self.logits(h)
     return losses.token_cross_entropy(logits, labels, label_mask), logits
 
   # ----------------------------------------------------------------------------- decoding
