@@ -239,9 +239,10 @@ class _ImageCache:
     return value
 
 
-def _region_input(lay: windows.Layout, cache: _ImageCache, key, data: bytes, box: np.ndarray):
+def _region_input(lay: windows.Layout, cache: _ImageCache | None, key, data: bytes,
+                  box: np.ndarray):
   """Host side of `_image_keys`: decode (data/images.py rules) and prepare the image (cached
-  by its id; key < 0: not cached), then the region's windows."""
+  by its id; key < 0, no cache: not cached), then the region's windows."""
   make = lambda: windows.prepare(images_lib.decode(data), lay)
   image = make() if key < 0 else cache.get(int(key), make)
   row = windows.region_input(image, box, lay)
@@ -265,8 +266,9 @@ def _image_keys(data, box, lay: windows.Layout, image_id=None,
   shapes = {"image": [lay.levels, lay.side, lay.side, 3], "image_hw": [2],
             "window": [lay.levels, windows.GEOMETRY],
             "hash_pixels": [windows.HASH_CROPS, windows.HASH_SIDE, windows.HASH_SIDE]}
-  key = tf.constant(-1, tf.int64) if image_id is None else tf.cast(image_id, tf.int64)
-  fn = functools.partial(_region_input, lay, cache or _ImageCache(0))
+  cached = image_id is not None and cache is not None
+  key = tf.cast(image_id, tf.int64) if cached else tf.constant(-1, tf.int64)
+  fn = functools.partial(_region_input, lay, cache if cached else None)
   out = tf.numpy_function(fn, [key, data, box], [types[k] for k in names], stateful=False)
   return {k: tf.ensure_shape(v, shapes[k]) for k, v in zip(names, out)}
 
@@ -278,8 +280,7 @@ def _load_row(t: _Tables, ex, lay: windows.Layout, cache: _ImageCache | None = N
   tags = ex["tags"][:ex["num_tags"]]
   multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(tags, t.num_tags), axis=0), 1.0)
   return {
-      **_image_keys(ex["image"], ex["box"], lay, None if cache is None else ex["image_id"],
-                    cache),
+      **_image_keys(ex["image"], ex["box"], lay, ex["image_id"], cache),
       "box": ex["box"],
       "caption_ids": ex["caption_ids"],
       "caption_mask": ex["caption_mask"],

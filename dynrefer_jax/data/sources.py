@@ -196,7 +196,8 @@ class _StoredImage:
       lengths = self._f[f"regions/{name}/ragged_row_lengths_0"].int64_list.value
       starts = self._starts[name] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     flat = self._f[f"regions/{name}/ragged_flat_values"]
-    values = getattr(flat, flat.WhichOneof("kind")).value if flat.WhichOneof("kind") else []
+    kind = flat.WhichOneof("kind")  # None: no region of the image has a value
+    values = getattr(flat, kind).value if kind else []
     return values[int(starts[k]):int(starts[k + 1])]
 
 
